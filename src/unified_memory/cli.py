@@ -1,0 +1,217 @@
+"""The ``unified-memory`` command: parses arguments, opens one connection, calls one library function,
+renders its result. No SQL here. Errors of the tool's root print one ``FAILED:`` line and exit with the
+code documented in the README; ``--traceback`` shows more.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg
+import typer
+
+from . import fixtures, logs, report, schema
+from .db import Target, connect, target_for
+from .errors import ConfigError, UnifiedMemoryError
+from .migrate import MigrationOptions, migrate
+from .progress import reporter
+from .settings import home_dir, resolve_dsn
+
+app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+schema_app = typer.Typer(help="Apply, undo and list the versioned SQL schema files.", no_args_is_help=True)
+legacy_app = typer.Typer(help="Legacy fixtures: create the four legacy tables in any field shape.",
+                         no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+app.add_typer(legacy_app, name="legacy")
+
+
+@dataclass
+class Options:
+    """Global options, shared by every command."""
+
+    dsn: str | None
+    data_dir: Path
+    json: bool
+    traceback: bool
+    quiet: bool
+
+    def target(self) -> Target:
+        return target_for(self.dsn, self.data_dir, quiet=self.quiet or self.json)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    dsn: Annotated[str | None, typer.Option(help="PostgreSQL connection string (else DATABASE_URL, POSTGRES_*, "
+                                                 "else the embedded server).", show_default=False)] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the tool keeps its files (embedded server, "
+                                                       "backups, logs); default UNIFIED_MEMORY_HOME or the "
+                                                       "per-user data directory.", show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    show_traceback: Annotated[bool, typer.Option("--traceback", help="Show the traceback of a failure.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the result, no progress.")] = False,
+) -> None:
+    ctx.obj = Options(resolve_dsn(dsn), (data_dir or home_dir()).resolve(), json_output, show_traceback, quiet)
+
+
+def options(ctx: typer.Context, json_flag: bool = False) -> Options:
+    opts: Options = ctx.obj
+    if json_flag:
+        opts.json = True
+    return opts
+
+
+@contextmanager
+def failures(opts: Options) -> Iterator[None]:
+    """Map the error root to its exit code with one ``FAILED:`` line."""
+    try:
+        yield
+    except UnifiedMemoryError as exc:
+        _fail(opts, str(exc), exc.exit_code)
+    except psycopg.Error as exc:
+        _fail(opts, f"database error [{exc.sqlstate}] {exc.diag.message_primary or type(exc).__name__}", 1)
+
+
+def _fail(opts: Options, message: str, code: int) -> None:
+    if opts.traceback:
+        traceback.print_exc()
+    if opts.json:
+        print(json.dumps({"status": "failed", "error": message, "exit_code": code}))
+    print(f"FAILED: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def emit(opts: Options, result: Any, human: Callable[[Any], str]) -> None:
+    """Print ``result`` as JSON or as its human rendering."""
+    if opts.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(human(result))
+
+
+def run(ctx: typer.Context, work: Callable[[psycopg.Connection], Any], human: Callable[[Any], str],
+        json_flag: bool = False) -> Any:
+    """Open the connection, run ``work`` on it, render the result."""
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        with connect(opts.target()) as conn:
+            result = work(conn)
+        emit(opts, result, human)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def _human_schema(result: schema.SchemaResult) -> str:
+    files = ", ".join(result.files) or "nothing to do"
+    return f"schema {result.action}: {files} ({result.seconds:.2f} s)"
+
+
+def _human_status(result: schema.SchemaStatus) -> str:
+    lines = [f"applied  {a['file']}  {a['applied_at']}" for a in result.applied]
+    lines += [f"pending  {name}" for name in result.pending]
+    lines += [f"EDITED   {name} (content changed after it was applied)" for name in result.edited]
+    return "\n".join(lines) or "no migration files"
+
+
+@schema_app.command("up")
+def schema_up(ctx: typer.Context,
+              target: Annotated[str | None, typer.Option(help="Stop after this version, e.g. 016.")] = None,
+              lock_wait: Annotated[float, typer.Option(help="Seconds to wait for another run's lock.")] = 10.0,
+              json_flag: JsonOpt = False) -> None:
+    """Apply every pending schema file, each in one transaction."""
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait), _human_schema, json_flag)
+
+
+@schema_app.command("down")
+def schema_down(ctx: typer.Context,
+                steps: Annotated[int, typer.Option(help="How many applied files to undo, newest first.")] = 1,
+                force: Annotated[bool, typer.Option(help="Drop memories even when it holds rows.")] = False,
+                json_flag: JsonOpt = False) -> None:
+    """Undo the newest applied schema files with their down files."""
+    run(ctx, lambda conn: schema.down(conn, steps=steps, force=force), _human_schema, json_flag)
+
+
+@schema_app.command("status")
+def schema_status(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
+    """List applied and pending schema files, and applied files edited since."""
+    run(ctx, schema.status, _human_status, json_flag)
+
+
+# ---------------------------------------------------------------------------------------------- legacy
+def _parse_shapes(values: list[str]) -> dict[str, str]:
+    shapes = {}
+    for value in values:
+        table, sep, shape = value.partition("=")
+        if not sep:
+            raise ConfigError(f"--shape takes TABLE=SHAPE, e.g. memory_items=I1; got {value!r}")
+        shapes[table] = shape
+    return shapes
+
+
+@legacy_app.command("create")
+def legacy_create(ctx: typer.Context,
+                  rows: Annotated[int, typer.Option(help="Rows per legacy table.")] = 1000,
+                  shape: Annotated[list[str] | None, typer.Option(
+                      help="TABLE=SHAPE (memory_items=I1|I2|I3, memory_entries=E1|E2, web_ui_memory_entries=W1, "
+                           "long_term_memory=L1); repeatable.")] = None,
+                  replace: Annotated[bool, typer.Option(help="Drop existing legacy tables first.")] = False,
+                  json_flag: JsonOpt = False) -> None:
+    """Create the four legacy tables and fill them with realistic synthetic rows (server-side)."""
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        shapes = _parse_shapes(shape or [])
+    run(ctx, lambda conn: fixtures.create(conn, rows=rows, shapes=shapes, replace=replace),
+        lambda r: f"legacy tables {r.shapes} with {rows} rows each ({r.vector_type} vectors) in {r.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- migrate
+@app.command("migrate")
+def migrate_cmd(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: the real path, rolled back.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch (one transaction each).")] = 5000,
+    max_batch_bytes: Annotated[int, typer.Option(help="Bytes per batch at most (large texts).")] = 32 << 20,
+    tables: Annotated[list[str] | None, typer.Option("--tables", help="Only these legacy tables (repeatable); "
+                                                     "precedence order stays fixed.")] = None,
+    source_timezone: Annotated[str, typer.Option(help="Time zone of naive legacy TIMESTAMPs.")] = "UTC",
+    expiry: Annotated[str, typer.Option(help="'arrival': expiry counts from the migration; 'created': from the "
+                                             "legacy created_at (old rows may arrive expired).")] = "arrival",
+    pause_ms: Annotated[int, typer.Option(help="Pause between batches, to throttle during busy hours.")] = 0,
+    no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the backup before the first write.")] = False,
+    json_flag: JsonOpt = False,
+) -> None:
+    """Migrate every legacy row into memories: migrated, duplicate, or quarantined with a reason."""
+    opts = options(ctx, json_flag)
+    options_ = MigrationOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes,
+                                tables=tuple(tables) if tables else MigrationOptions().tables,
+                                source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run)
+    logs.setup(opts.data_dir)
+    with failures(opts):
+        hook = None if no_backup or dry_run else _backup_hook(opts)
+        with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
+            result = migrate(conn, options_, progress=progress, before_first_write=hook)  # type: ignore[arg-type]
+        emit(opts, result, report.migration)
+
+
+def _backup_hook(opts: Options) -> Callable[[psycopg.Connection], object]:
+    raise ConfigError("the backup step is not available yet: pass --no-backup to migrate without one")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

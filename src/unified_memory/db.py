@@ -1,0 +1,126 @@
+"""Opening connections: to a configured server, or to the embedded pgserver (PostgreSQL 16 + pgvector).
+
+Stage functions never connect on their own; the CLI opens one connection here and passes it in.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from .errors import DatabaseUnavailable, UnifiedMemoryError
+from .settings import private_dir, redact
+
+EMBEDDED_DATABASE = "unified_memory"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a connection goes: a DSN and how to describe it without secrets."""
+
+    dsn: str
+    description: str
+    embedded: bool = False
+
+
+def start_embedded(data_dir: Path, *, quiet: bool = False) -> Target:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir/pgdata``; it stops when this process exits."""
+    import pgserver  # heavy import, only when the embedded server is really used
+
+    pgdata = private_dir(data_dir) / "pgdata"
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    except Exception as exc:  # pgserver raises subprocess and OS errors of several kinds
+        raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
+    _KEEP_ALIVE.append(server)
+    admin = server.get_uri()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DATABASE]).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(EMBEDDED_DATABASE)))
+    if not quiet:
+        print(f"started the embedded PostgreSQL (pgserver) in {pgdata}", file=sys.stderr)
+    return Target(server.get_uri(EMBEDDED_DATABASE), f"embedded PostgreSQL in {pgdata}", embedded=True)
+
+
+_KEEP_ALIVE: list[object] = []
+
+
+def target_for(dsn: str | None, data_dir: Path, *, quiet: bool = False) -> Target:
+    """The configured server, or the embedded one when nothing is configured."""
+    if dsn is None:
+        return start_embedded(data_dir, quiet=quiet)
+    return Target(dsn, redact(dsn))
+
+
+@contextmanager
+def connect(target: Target, *, autocommit: bool = True) -> Iterator[psycopg.Connection]:
+    """A connection to ``target``; errors name the server without its password."""
+    try:
+        conn = psycopg.connect(target.dsn, autocommit=autocommit, application_name="unified-memory")
+    except psycopg.OperationalError as exc:
+        reason = _without_secret(str(exc).strip().splitlines()[0] if str(exc).strip() else "", target.dsn)
+        raise DatabaseUnavailable(f"cannot connect to {target.description}: {reason}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _without_secret(message: str, dsn: str) -> str:
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        return "(details hidden)"
+    return message.replace(str(password), "***") if password else message
+
+
+def server_version(conn: psycopg.Connection) -> int:
+    """``server_version_num`` as an int, e.g. 150020."""
+    row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def has_extension_available(conn: psycopg.Connection, name: str) -> bool:
+    """Whether the server can ``CREATE EXTENSION name`` (pgvector on pgserver; not on the system PG 15)."""
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", [name]).fetchone()
+    return row is not None
+
+
+@contextmanager
+def maintenance(conn: psycopg.Connection) -> Iterator[None]:
+    """Run the tool's own work with row-level security bypassed on purpose, never filtered by accident.
+
+    ``row_security = off`` makes PostgreSQL raise an error instead of silently filtering rows when the
+    role cannot bypass RLS; a role that is neither superuser nor BYPASSRLS switches to the
+    ``unified_memory_maintenance`` role (BYPASSRLS) when it is a member of it.
+    """
+    row = conn.execute(
+        "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    bypass = bool(row and row[0])
+    found = conn.execute(
+        "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = 'unified_memory_maintenance'"
+    ).fetchone()
+    member = bool(found and found[0])
+    if not bypass and not member:
+        raise UnifiedMemoryError(
+            "this role cannot bypass row-level security: connect as a role with BYPASSRLS or grant it "
+            "unified_memory_maintenance, so that counts are never silently filtered"
+        )
+    conn.execute("SET row_security = off")
+    if not bypass:
+        conn.execute("SET ROLE unified_memory_maintenance")
+    try:
+        yield
+    finally:
+        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("RESET ROLE")
+            conn.execute("RESET row_security")

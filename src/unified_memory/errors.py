@@ -1,0 +1,93 @@
+"""One error root for the whole tool; each subclass carries a documented exit code.
+
+Driver errors are translated once, by SQLSTATE class, never by message text.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+
+class UnifiedMemoryError(Exception):
+    """Root of every error the tool raises on purpose. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+    transient = False
+
+
+class ConfigError(UnifiedMemoryError):
+    """Bad options or settings (a missing key, an unknown table name)."""
+
+    exit_code = 2
+
+
+class DatabaseUnavailable(UnifiedMemoryError):
+    """The database could not be reached; trying again later may work."""
+
+    exit_code = 3
+    transient = True
+
+
+class LockBusy(UnifiedMemoryError):
+    """Another run holds the advisory lock, or a table lock could not be taken in time."""
+
+    exit_code = 4
+    transient = True
+
+
+class SchemaError(UnifiedMemoryError):
+    """A schema file failed, was edited after being applied, or the schema is not in the expected state."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.file, self.line, self.sqlstate = file, line, sqlstate
+
+
+class ShapeError(UnifiedMemoryError):
+    """A legacy table has a shape the tool does not know."""
+
+    exit_code = 6
+
+
+class MigrationError(UnifiedMemoryError):
+    """The data migration could not give every row an outcome."""
+
+    exit_code = 7
+
+
+class BackupIntegrityError(UnifiedMemoryError):
+    """A backup file is truncated, tampered with, or cannot be decrypted with the given key."""
+
+    exit_code = 8
+
+
+class RollbackError(UnifiedMemoryError):
+    """The rollback refused to proceed or could not prove its result; the database is unchanged."""
+
+    exit_code = 9
+
+
+class ValidationFailed(UnifiedMemoryError):
+    """At least one validation check failed."""
+
+    exit_code = 10
+
+
+class VectorStoreError(UnifiedMemoryError):
+    """Milvus refused an operation, or the collection differs from what the tool expects."""
+
+    exit_code = 11
+
+
+def translate(exc: psycopg.Error, context: str) -> UnifiedMemoryError:
+    """Map a driver error to the tool's hierarchy by SQLSTATE class (never by message text)."""
+    state = exc.sqlstate or ""
+    detail = f"{context}: {type(exc).__name__} [{state or 'no sqlstate'}] {exc.diag.message_primary or exc}"
+    if isinstance(exc, psycopg.OperationalError) and not state or state.startswith("08"):
+        return DatabaseUnavailable(detail)
+    if state in ("55P03", "40P01", "40001"):
+        return LockBusy(detail)
+    return UnifiedMemoryError(detail)

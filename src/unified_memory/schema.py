@@ -1,0 +1,215 @@
+"""The migration manager: versioned SQL files applied in order, tracked by their content's SHA-256.
+
+Why our own runner rather than yoyo or Alembic: the files must stay plain psql scripts (the guide applies them
+with ``psql -f``), and the runner must refuse edited files by content hash, wait briefly on an advisory lock,
+name the failing file *and line*, and retry DDL that hits a short ``lock_timeout``. Neither library does the
+last three; wrapping one would be more code than this module.
+
+Files live in ``migrations/postgres`` as ``NNN_name.sql`` with an optional ``NNN_name.down.sql``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from . import sqlfile
+from .errors import LockBusy, SchemaError
+
+TRACKING_TABLE = "unified_memory_schema_migrations"
+SCHEMA_LOCK = (0x756D, 16)  # advisory lock key pair: 'um', migration 016 family
+
+_CREATE_TRACKING = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {} (version TEXT PRIMARY KEY, name TEXT NOT NULL, sha256 CHAR(64) NOT NULL,"
+    " applied_at TIMESTAMPTZ NOT NULL DEFAULT now(), duration_ms INTEGER NOT NULL)"
+).format(sql.Identifier(TRACKING_TABLE))
+
+
+def default_directory() -> Path:
+    """The SQL files shipped with the package (``data/migrations/postgres`` in the repository)."""
+    return Path(str(resources.files("unified_memory") / "migrations" / "postgres"))
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    """One versioned SQL file and, where it exists, its down file."""
+
+    version: str
+    name: str
+    path: Path
+    down_path: Path | None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+@dataclass
+class SchemaStatus:
+    """Applied and pending files, and applied files whose content changed since."""
+
+    applied: list[dict[str, str]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    edited: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"applied": self.applied, "pending": self.pending, "edited": self.edited}
+
+
+@dataclass
+class SchemaResult:
+    """What ``up`` or ``down`` did."""
+
+    action: str
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"action": self.action, "files": self.files, "seconds": round(self.seconds, 3)}
+
+
+def discover(directory: Path | None = None) -> list[MigrationFile]:
+    """The migration files of ``directory`` in version order."""
+    directory = directory or default_directory()
+    files = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+        if path.name.endswith(".down.sql"):
+            continue
+        down = path.with_name(path.name[: -len(".sql")] + ".down.sql")
+        files.append(MigrationFile(path.name[:3], path.stem, path, down if down.exists() else None))
+    return files
+
+
+def status(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaStatus:
+    """Which files are applied, pending, or edited after being applied."""
+    applied = _applied(conn)
+    result = SchemaStatus()
+    for mf in discover(directory):
+        record = applied.get(mf.version)
+        if record is None:
+            result.pending.append(mf.path.name)
+            continue
+        result.applied.append({"file": mf.path.name, "sha256": record[0], "applied_at": record[1]})
+        if record[0] != mf.sha256:
+            result.edited.append(mf.path.name)
+    return result
+
+
+def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str | None = None,
+       lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6) -> SchemaResult:
+    """Apply every pending file (up to ``target``), each in its own transaction.
+
+    Raises:
+        SchemaError: an applied file was edited, or a file failed (naming file and line).
+        LockBusy: another run holds the lock, or a table stayed locked through every retry.
+    """
+    started = time.monotonic()
+    result = SchemaResult("up")
+    with _advisory_lock(conn, lock_wait):
+        current = status(conn, directory=directory)
+        if current.edited:
+            raise SchemaError(f"applied files were edited since: {', '.join(current.edited)}; refusing to run")
+        for mf in discover(directory):
+            if mf.path.name in current.pending and (target is None or mf.version <= target):
+                _run_with_retries(conn, mf.path, lock_timeout_ms, retries, record=mf)
+                result.files.append(mf.path.name)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def down(conn: psycopg.Connection, *, directory: Path | None = None, steps: int = 1, force: bool = False,
+         lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6) -> SchemaResult:
+    """Undo the last ``steps`` applied files with their down files, newest first."""
+    started = time.monotonic()
+    result = SchemaResult("down")
+    with _advisory_lock(conn, lock_wait):
+        applied = _applied(conn)
+        for mf in [f for f in reversed(discover(directory)) if f.version in applied][:steps]:
+            if mf.down_path is None:
+                raise SchemaError(f"{mf.path.name} has no down file", file=mf.path.name)
+            _run_with_retries(conn, mf.down_path, lock_timeout_ms, retries, forget=mf, force=force)
+            result.files.append(mf.down_path.name)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaResult:
+    """Apply what is pending (used by stages that need the schema); a no-op when up to date."""
+    return up(conn, directory=directory)
+
+
+def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
+    if conn.execute("SELECT to_regclass(%s)", [TRACKING_TABLE]).fetchone() == (None,):
+        return {}
+    query = sql.SQL("SELECT version, sha256, applied_at::text FROM {}").format(sql.Identifier(TRACKING_TABLE))
+    return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+
+
+class _advisory_lock:
+    """Session advisory lock, polled for ``wait`` seconds, so two runs never interleave."""
+
+    def __init__(self, conn: psycopg.Connection, wait: float) -> None:
+        self.conn, self.wait = conn, wait
+
+    def __enter__(self) -> None:
+        deadline = time.monotonic() + self.wait
+        while True:
+            row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", SCHEMA_LOCK).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                raise LockBusy(f"another schema run holds the lock; waited {self.wait:.0f} s, giving up")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.conn.closed:
+            self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", SCHEMA_LOCK)
+
+
+def _run_with_retries(conn: psycopg.Connection, path: Path, lock_timeout_ms: int, retries: int, *,
+                      record: MigrationFile | None = None, forget: MigrationFile | None = None,
+                      force: bool = False) -> None:
+    statements = [s for s in sqlfile.split(path.read_text(encoding="utf-8")) if not s.is_transaction_control]
+    for attempt in range(retries + 1):
+        try:
+            _run_once(conn, path, statements, lock_timeout_ms, record=record, forget=forget, force=force)
+            return
+        except psycopg.errors.LockNotAvailable as exc:
+            if attempt == retries:
+                raise LockBusy(f"{path.name}: a table stayed locked through {retries} retries") from exc
+            time.sleep(min(0.25 * 2**attempt, 8.0))
+
+
+def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement], lock_timeout_ms: int,
+              *, record: MigrationFile | None, forget: MigrationFile | None, force: bool) -> None:
+    started = time.monotonic()
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+        if force:
+            conn.execute("SELECT set_config('unified_memory.allow_data_loss', 'on', true)")
+        for statement in statements:
+            try:
+                conn.execute(statement.sql.encode())
+            except psycopg.errors.LockNotAvailable:
+                raise
+            except psycopg.Error as exc:
+                raise SchemaError(
+                    f"{path.name}, line {statement.line}: [{exc.sqlstate}] {exc.diag.message_primary or exc}",
+                    file=path.name, line=statement.line, sqlstate=exc.sqlstate,
+                ) from exc
+        conn.execute(_CREATE_TRACKING)
+        if record is not None:
+            conn.execute(
+                sql.SQL("INSERT INTO {} (version, name, sha256, duration_ms) VALUES (%s, %s, %s, %s)").format(
+                    sql.Identifier(TRACKING_TABLE)),
+                [record.version, record.name, record.sha256, int((time.monotonic() - started) * 1000)],
+            )
+        if forget is not None:
+            conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(TRACKING_TABLE)),
+                         [forget.version])

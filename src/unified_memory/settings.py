@@ -1,0 +1,69 @@
+"""Where the tool keeps its files, and how it finds the database and Milvus.
+
+Order for PostgreSQL: ``--dsn``, else ``DATABASE_URL``, else the guide's ``POSTGRES_*`` variables, else the
+embedded pgserver. Secrets never leave this module unredacted: use :func:`redact` for anything printed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import platformdirs
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import ConfigError
+
+_PG_ENV = {
+    "POSTGRES_HOST": "host",
+    "POSTGRES_PORT": "port",
+    "POSTGRES_DB": "dbname",
+    "POSTGRES_USER": "user",
+    "POSTGRES_PASSWORD": "password",
+}
+
+
+def home_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """The tool's data directory: ``UNIFIED_MEMORY_HOME`` or the per-user data directory."""
+    configured = env.get("UNIFIED_MEMORY_HOME")
+    path = Path(configured) if configured else Path(platformdirs.user_data_dir("unified-memory"))
+    return path.expanduser().resolve()
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed and return it: backups and logs hold sensitive data."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def resolve_dsn(dsn: str | None, env: Mapping[str, str] = os.environ) -> str | None:
+    """The connection string to use, or ``None`` for the embedded server."""
+    if dsn:
+        return dsn
+    if env.get("DATABASE_URL"):
+        return env["DATABASE_URL"]
+    params = {key: env[name] for name, key in _PG_ENV.items() if env.get(name)}
+    if "host" in params or "dbname" in params:
+        return make_conninfo(**params)
+    return None
+
+
+def redact(dsn: str) -> str:
+    """A printable description of a DSN: host, port, database and user, never the password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception as exc:  # psycopg raises ProgrammingError for a malformed string
+        raise ConfigError("the connection string is malformed (not shown: it may contain a secret)") from exc
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"postgresql://{params.get('user') or '?'}@{host}:{port}/{params.get('dbname') or '?'}"
+
+
+def milvus_uri(env: Mapping[str, str] = os.environ) -> str:
+    """``MILVUS_URI``, else ``MILVUS_HOST``/``MILVUS_PORT``, else a Milvus Lite file in the data directory."""
+    if env.get("MILVUS_URI"):
+        return env["MILVUS_URI"]
+    if env.get("MILVUS_HOST"):
+        return f"http://{env['MILVUS_HOST']}:{env.get('MILVUS_PORT', '19530')}"
+    return str(private_dir(home_dir(env)) / "milvus_lite.db")
