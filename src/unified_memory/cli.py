@@ -17,20 +17,25 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from . import fixtures, logs, report, schema
+from . import backup, fixtures, logs, report, schema
+from .backupfile import load_key
 from .db import Target, connect, target_for
 from .errors import ConfigError, UnifiedMemoryError
 from .migrate import MigrationOptions, migrate
 from .progress import reporter
-from .settings import home_dir, resolve_dsn
+from .rollback import rollback
+from .settings import backup_dir, home_dir, resolve_dsn
 
 app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 schema_app = typer.Typer(help="Apply, undo and list the versioned SQL schema files.", no_args_is_help=True)
 legacy_app = typer.Typer(help="Legacy fixtures: create the four legacy tables in any field shape.",
                          no_args_is_help=True)
+backup_app = typer.Typer(help="Back up the legacy tables into one verified file (or verify one).",
+                         invoke_without_command=True)
 app.add_typer(schema_app, name="schema")
 app.add_typer(legacy_app, name="legacy")
+app.add_typer(backup_app, name="backup")
 
 
 @dataclass
@@ -48,6 +53,9 @@ class Options:
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+KeyFileOpt = Annotated[Path | None, typer.Option(
+    "--key-file", help="File holding the backup passphrase (else UNIFIED_MEMORY_BACKUP_KEY; never on the "
+                       "command line). With a key, backups are encrypted (AES-256-GCM).", show_default=False)]
 
 
 @app.callback()
@@ -189,6 +197,7 @@ def migrate_cmd(
                                              "legacy created_at (old rows may arrive expired).")] = "arrival",
     pause_ms: Annotated[int, typer.Option(help="Pause between batches, to throttle during busy hours.")] = 0,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the backup before the first write.")] = False,
+    key_file: KeyFileOpt = None,
     json_flag: JsonOpt = False,
 ) -> None:
     """Migrate every legacy row into memories: migrated, duplicate, or quarantined with a reason."""
@@ -198,14 +207,70 @@ def migrate_cmd(
                                 source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run)
     logs.setup(opts.data_dir)
     with failures(opts):
-        hook = None if no_backup or dry_run else _backup_hook(opts)
+        hook = None if no_backup or dry_run else _backup_hook(opts, key_file)
         with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
             result = migrate(conn, options_, progress=progress, before_first_write=hook)  # type: ignore[arg-type]
         emit(opts, result, report.migration)
 
 
-def _backup_hook(opts: Options) -> Callable[[psycopg.Connection], object]:
-    raise ConfigError("the backup step is not available yet: pass --no-backup to migrate without one")
+def _backup_hook(opts: Options, key_file: Path | None) -> Callable[[psycopg.Connection], object]:
+    secret = load_key(key_file=key_file)
+
+    def take_backup(conn: psycopg.Connection) -> object:
+        manifest = backup.backup(conn, backup.default_path(backup_dir(opts.data_dir)), secret=secret)
+        if not (opts.json or opts.quiet):
+            print(f"backup written before the first change: {manifest.path}", file=sys.stderr)
+        return manifest
+
+    return take_backup
+
+
+# ---------------------------------------------------------------------------------------------- backup
+@backup_app.callback()
+def backup_cmd(ctx: typer.Context,
+               out: Annotated[Path | None, typer.Option(
+                   help="Backup file (default: memory_migration_backup_YYYYMMDD_HHMMSS.umbk, UTC, in the backup "
+                        "directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups).", show_default=False)] = None,
+               key_file: KeyFileOpt = None, json_flag: JsonOpt = False) -> None:
+    """Back up every legacy table (definition and rows) into one compressed file, mode 0600."""
+    if ctx.invoked_subcommand is not None:
+        return
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        secret = load_key(key_file=key_file)
+        path = out.resolve() if out else backup.default_path(backup_dir(opts.data_dir))
+    run(ctx, lambda conn: backup.backup(conn, path, secret=secret), report.backup_manifest, json_flag)
+
+
+@backup_app.command("verify")
+def backup_verify(ctx: typer.Context, path: Annotated[Path, typer.Argument(help="The backup file.")],
+                  key_file: KeyFileOpt = None, json_flag: JsonOpt = False) -> None:
+    """Check a backup's completeness and every checksum, without a database."""
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        emit(opts, backup.verify(path, secret=load_key(key_file=key_file)), report.verified)
+
+
+# ---------------------------------------------------------------------------------------------- rollback
+@app.command("rollback")
+def rollback_cmd(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The backup file to restore from.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Proceed (the rollback never asks on stdin).")] = False,
+    force: Annotated[bool, typer.Option(help="Also remove migrated memories changed since the migration.")] = False,
+    discard_new_rows: Annotated[bool, typer.Option(
+        help="Do not carry over legacy rows added after the backup (the old table is saved aside anyway).")] = False,
+    key_file: KeyFileOpt = None,
+    json_flag: JsonOpt = False,
+) -> None:
+    """Restore the legacy tables from a verified backup and remove the memories the migration created."""
+    opts = options(ctx, json_flag)
+    logs.setup(opts.data_dir)
+    with failures(opts):
+        secret = load_key(key_file=key_file)
+    run(ctx, lambda conn: rollback(conn, path.resolve(), secret=secret, dry_run=dry_run, yes=yes, force=force,
+                                   discard_new_rows=discard_new_rows), report.rollback_result, json_flag)
 
 
 def main() -> None:

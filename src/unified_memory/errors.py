@@ -64,6 +64,12 @@ class BackupIntegrityError(UnifiedMemoryError):
     exit_code = 8
 
 
+class BackupKeyError(BackupIntegrityError):
+    """A backup is encrypted and the key is missing or wrong."""
+
+    exit_code = 12
+
+
 class RollbackError(UnifiedMemoryError):
     """The rollback refused to proceed or could not prove its result; the database is unchanged."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .backup import BackupManifest
 from .migrate import MigrationRun
+from .rollback import RollbackResult
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -35,3 +37,33 @@ def migration(run: MigrationRun) -> str:
     lines.append("")
     lines.append(f"run {run.run_id or '-'} in {run.seconds:.1f} s; indexes rebuilt after load: {run.rebuilt_indexes}")
     return "\n".join(lines)
+
+
+def backup_manifest(manifest: BackupManifest) -> str:
+    """A backup's manifest: file, origin, and each table's rows, bytes and checksum."""
+    lines = [f"backup {manifest.path} ({manifest.file_bytes:,} bytes, "
+             f"{'encrypted' if manifest.encrypted else 'not encrypted'}) in {manifest.seconds:.2f} s",
+             f"from {manifest.database} on PostgreSQL {manifest.server_version} at {manifest.created_at}", ""]
+    rows = [[t, b.rows, f"{b.bytes:,}", b.sha256[:16]] for t, b in manifest.tables.items()]
+    lines.append(_table(["table", "rows", "data bytes", "sha256"], rows))
+    return "\n".join(lines)
+
+
+def verified(manifest: BackupManifest) -> str:
+    """``backup verify``: every checksum matched."""
+    return "VERIFIED: every table's rows and SHA-256 match the manifest\n" + backup_manifest(manifest)
+
+
+def rollback_result(result: RollbackResult) -> str:
+    """The rollback's plan (dry run) or outcome."""
+    title = ("DRY RUN (nothing was changed): what the rollback would do" if result.dry_run
+             else "Rollback complete")
+    rows = [[t, r.action, r.rows, r.rows_added_since, r.kept_new_rows, r.saved_as or "-"]
+            for t, r in result.tables.items()]
+    return "\n".join([
+        title, "", _table(["table", "action", "rows", "added since", "kept", "previous table saved as"], rows), "",
+        f"memories removed (created by the migration): {result.memories_removed}",
+        f"memories kept (changed since the migration; --force removes them): {result.memories_kept_changed}",
+        f"quarantine rows cleared: {result.quarantine_cleared}; checkpoints cleared: {result.checkpoints_cleared}; "
+        f"runs marked rolled_back: {result.runs_marked}",
+    ])

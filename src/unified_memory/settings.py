@@ -37,6 +37,12 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def backup_dir(home: Path, env: Mapping[str, str] = os.environ) -> Path:
+    """Where backups go: ``UNIFIED_MEMORY_BACKUP_DIR`` or ``<home>/backups`` (mode 0700)."""
+    configured = env.get("UNIFIED_MEMORY_BACKUP_DIR")
+    return private_dir(Path(configured).expanduser().resolve() if configured else home / "backups")
+
+
 def resolve_dsn(dsn: str | None, env: Mapping[str, str] = os.environ) -> str | None:
     """The connection string to use, or ``None`` for the embedded server."""
     if dsn:

@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS memory_migration_runs (
     finished_at TIMESTAMPTZ,
     status      TEXT NOT NULL DEFAULT 'running'
                 CONSTRAINT memory_migration_runs_status_vocab
-                CHECK (status IN ('running', 'succeeded', 'failed', 'interrupted', 'nothing_to_do')),
+                CHECK (status IN ('running', 'succeeded', 'failed', 'interrupted', 'nothing_to_do', 'rolled_back')),
     options     JSONB NOT NULL DEFAULT '{}',
     shapes      JSONB NOT NULL DEFAULT '{}',
     counts      JSONB NOT NULL DEFAULT '{}',

@@ -1,0 +1,274 @@
+"""The backup file format: one file, written and read as a stream, memory flat whatever its size.
+
+Layout::
+
+    MAGIC (8 bytes) | header length (4 bytes, big endian) | header (JSON: format, compression, encryption)
+    body: a zstd stream (content checksum on), encrypted or not, holding records
+
+With encryption the zstd bytes are cut into chunks sealed by AES-256-GCM; each chunk is stored as its
+length (4 bytes) and ciphertext + tag. The nonce is a random prefix and the chunk's counter, and the
+associated data binds the header, the counter and a final flag, so a reordered, altered or truncated
+file is refused. Records inside the stream are ``kind (1 byte) | length (8 bytes) | payload``:
+
+    H  header JSON (created_at, server, database, tool version, unified-side state)
+    T  a table starts: its definition (JSON)
+    D  a chunk of that table's data in PostgreSQL's COPY text format (round-trips every type)
+    E  the table ends: rows, bytes, SHA-256 of its data, SQL row checksum (JSON)
+    M  the manifest (JSON): everything above, last, so that a file without it is incomplete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from .errors import BackupIntegrityError, BackupKeyError, ConfigError
+
+MAGIC = b"UMBKUP\x00\x01"
+FORMAT_VERSION = 1
+CHUNK = 1 << 20
+KEY_ENV = "UNIFIED_MEMORY_BACKUP_KEY"
+_RECORD = struct.Struct(">cQ")
+_FRAME = struct.Struct(">I")
+
+
+# ------------------------------------------------------------------------------------------- keys
+def load_key(*, key_file: Path | None = None, env: dict[str, str] | None = None) -> bytes | None:
+    """The backup passphrase: from ``key_file``, else the ``UNIFIED_MEMORY_BACKUP_KEY`` variable, else None.
+
+    Never from the command line, where other users could read it in the process list.
+    """
+    if key_file is not None:
+        try:
+            secret = key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the key file {key_file}: {exc.strerror}") from exc
+        if not secret:
+            raise ConfigError(f"the key file {key_file} is empty")
+        return secret
+    value = (env if env is not None else os.environ).get(KEY_ENV, "")
+    return value.encode() if value else None
+
+
+def _derive(secret: bytes, salt: bytes) -> bytes:
+    return Scrypt(salt=salt, length=32, n=2**15, r=8, p=1).derive(secret)
+
+
+def _key_check(key: bytes) -> str:
+    return hashlib.sha256(b"unified-memory key check" + key).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- writing
+class _SealedSink:
+    """Bytes in, AES-256-GCM chunks out (or plain bytes when there is no key)."""
+
+    def __init__(self, out: IO[bytes], key: bytes | None, aad: bytes, nonce_prefix: bytes) -> None:
+        self.out, self.aead, self.aad, self.prefix = out, AESGCM(key) if key else None, aad, nonce_prefix
+        self.buffer, self.counter = bytearray(), 0
+
+    def write(self, data: bytes) -> int:
+        if self.aead is None:
+            self.out.write(data)
+            return len(data)
+        self.buffer += data
+        while len(self.buffer) > CHUNK:
+            self._seal(bytes(self.buffer[:CHUNK]), final=False)
+            del self.buffer[:CHUNK]
+        return len(data)
+
+    def close(self) -> None:
+        if self.aead is not None:
+            self._seal(bytes(self.buffer), final=True)
+            self.buffer.clear()
+
+    def _seal(self, chunk: bytes, *, final: bool) -> None:
+        assert self.aead is not None
+        sealed = self.aead.encrypt(self.prefix + struct.pack(">I", self.counter), chunk,
+                                   _chunk_aad(self.aad, self.counter, final))
+        self.out.write(_FRAME.pack(len(sealed)) + sealed)
+        self.counter += 1
+
+
+def _chunk_aad(header: bytes, counter: int, final: bool) -> bytes:
+    return hashlib.sha256(header).digest() + struct.pack(">Q?", counter, final)
+
+
+class BackupWriter:
+    """Write records to ``path`` through zstd (and AES-GCM): a temporary name, fsync, rename, mode 0600."""
+
+    def __init__(self, path: Path, *, secret: bytes | None, level: int = 3) -> None:
+        self.path, self.partial = path, path.with_name(f".{path.name}.partial")
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.raw: IO[bytes] = os.fdopen(fd, "wb", buffering=CHUNK)
+        encryption: dict[str, Any] | None = None
+        key = None
+        prefix = os.urandom(8)
+        if secret is not None:
+            salt = os.urandom(16)
+            key = _derive(secret, salt)
+            encryption = {"algorithm": "AES-256-GCM", "kdf": "scrypt", "salt": salt.hex(), "n": 2**15, "r": 8,
+                          "p": 1, "nonce_prefix": prefix.hex(), "chunk": CHUNK, "key_check": _key_check(key)}
+        header = json.dumps({"format": FORMAT_VERSION, "compression": "zstd", "encryption": encryption}).encode()
+        self.raw.write(MAGIC + _FRAME.pack(len(header)) + header)
+        self.sink = _SealedSink(self.raw, key, header, prefix)
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
+        self.stream = compressor.stream_writer(self.sink, closefd=False)  # type: ignore[arg-type]
+
+    def record(self, kind: bytes, payload: bytes) -> None:
+        self.stream.write(_RECORD.pack(kind, len(payload)))
+        self.stream.write(payload)
+
+    def json(self, kind: bytes, value: dict[str, Any]) -> None:
+        self.record(kind, json.dumps(value, sort_keys=True, default=str).encode())
+
+    def commit(self) -> None:
+        """Finish the stream, fsync, and move the file to its final name."""
+        self.stream.close()
+        self.sink.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        os.replace(self.partial, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def abort(self) -> None:
+        """Remove the temporary file (the final name is never left half written)."""
+        try:
+            self.raw.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Record:
+    """One record of a backup file."""
+
+    kind: bytes
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.payload)
+        return value
+
+
+class _OpenedSource:
+    """Decrypted bytes of the body, chunk by chunk, checking each seal and the final flag."""
+
+    def __init__(self, raw: IO[bytes], header: bytes, encryption: dict[str, Any] | None, secret: bytes | None):
+        self.raw, self.header, self.counter, self.done = raw, header, 0, False
+        self.aead: AESGCM | None = None
+        if encryption is not None:
+            if secret is None:
+                raise BackupKeyError(f"this backup is encrypted: set {KEY_ENV} or pass --key-file")
+            key = _derive(secret, bytes.fromhex(encryption["salt"]))
+            if _key_check(key) != encryption.get("key_check"):
+                raise BackupKeyError("wrong key: this backup was encrypted with another key")
+            self.aead, self.prefix = AESGCM(key), bytes.fromhex(encryption["nonce_prefix"])
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.aead is None:
+            while block := self.raw.read(CHUNK):
+                yield block
+            return
+        while True:
+            head = self.raw.read(_FRAME.size)
+            if not head:
+                if not self.done:
+                    raise BackupIntegrityError("the backup is truncated: its final encrypted chunk is missing")
+                return
+            if self.done:
+                raise BackupIntegrityError("the backup has data after its final chunk")
+            if len(head) < _FRAME.size:
+                raise BackupIntegrityError("the backup is truncated inside a chunk header")
+            (length,) = _FRAME.unpack(head)
+            sealed = self.raw.read(length)
+            if len(sealed) < length:
+                raise BackupIntegrityError("the backup is truncated inside an encrypted chunk")
+            yield self._open(sealed)
+
+    def _open(self, sealed: bytes) -> bytes:
+        assert self.aead is not None
+        nonce = self.prefix + struct.pack(">I", self.counter)
+        for final in (False, True):
+            try:
+                plain = self.aead.decrypt(nonce, sealed, _chunk_aad(self.header, self.counter, final))
+            except InvalidTag:
+                continue
+            self.counter += 1
+            self.done = final
+            return plain
+        raise BackupIntegrityError(f"encrypted chunk {self.counter} fails its authentication: the file was altered")
+
+
+def read_records(path: Path, *, secret: bytes | None) -> Iterator[Record]:
+    """Every record of the backup at ``path``, in order.
+
+    Raises:
+        BackupIntegrityError: the file is not a backup, is truncated, or was altered.
+        BackupKeyError: the file is encrypted and the key is missing or wrong.
+    """
+    try:
+        raw = path.open("rb")
+    except OSError as exc:
+        raise BackupIntegrityError(f"cannot open the backup {path}: {exc.strerror}") from exc
+    with raw:
+        if raw.read(len(MAGIC)) != MAGIC:
+            raise BackupIntegrityError(f"{path.name} is not a unified-memory backup (bad magic)")
+        head = raw.read(_FRAME.size)
+        (length,) = _FRAME.unpack(head) if len(head) == _FRAME.size else (-1,)
+        header = raw.read(length) if 0 < length < 1 << 20 else b""
+        try:
+            info = json.loads(header)
+        except ValueError as exc:
+            raise BackupIntegrityError("the backup's header is damaged") from exc
+        if info.get("format") != FORMAT_VERSION:
+            raise BackupIntegrityError(f"unknown backup format {info.get('format')!r}")
+        source = _OpenedSource(raw, header, info.get("encryption"), secret)
+        yield from _records(_decompressed(source.chunks()))
+
+
+def _decompressed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        for chunk in chunks:
+            if decompressor.eof and chunk:
+                raise BackupIntegrityError("the backup has data after its end")
+            if out := decompressor.decompress(chunk):
+                yield out
+    except zstandard.ZstdError as exc:
+        raise BackupIntegrityError(f"the backup's compressed data is damaged ({exc})") from exc
+    if not decompressor.eof:
+        raise BackupIntegrityError("the backup is truncated: its compressed stream does not end")
+
+
+def _records(blocks: Iterator[bytes]) -> Iterator[Record]:
+    buffer = bytearray()
+    for block in blocks:
+        buffer += block
+        while len(buffer) >= _RECORD.size:
+            kind, length = _RECORD.unpack_from(buffer)
+            if kind not in b"HTDEM" or length > 1 << 31:
+                raise BackupIntegrityError("the backup holds an unreadable record: the file was altered")
+            if len(buffer) < _RECORD.size + length:
+                break
+            yield Record(kind, bytes(buffer[_RECORD.size:_RECORD.size + length]))
+            del buffer[:_RECORD.size + length]
+    if buffer:
+        raise BackupIntegrityError("the backup ends inside a record: it is truncated")
+
