@@ -79,7 +79,7 @@ def batch(m: TableMapping) -> sql.Composed:
     embedding = sql.SQL(m.embedding or "NULL::real[]")
     table = sql.Literal(m.table)
     if m.expands:
-        prelude, source, rows, items, row_q = _long_term_prelude(m)
+        prelude, source, rows, items, row_q = _long_term_prelude(m, range_predicate(m))
     else:
         prelude = sql.SQL("")
         source = sql.SQL("FROM {} s WHERE {} AND {}").format(sql.Identifier(m.table), range_predicate(m),
@@ -119,13 +119,21 @@ SELECT {rows}, {items}, (SELECT count(*) FROM ins), (SELECT count(*) FROM vector
     )
 
 
-def _long_term_prelude(m: TableMapping) -> tuple[sql.Composable, ...]:
+def mapped_source(m: TableMapping) -> tuple[sql.Composable, sql.Composable]:
+    """(CTE prelude, FROM clause) over the whole source table, rows or items as ``s``: for reconciliation."""
+    if m.expands:
+        prelude, source, *_ = _long_term_prelude(m, sql.SQL("TRUE"))
+        return prelude, source
+    return sql.SQL(""), sql.SQL("FROM {} s").format(sql.Identifier(m.table))
+
+
+def _long_term_prelude(m: TableMapping, where: sql.Composable) -> tuple[sql.Composable, ...]:
     reasons = "CASE " + " ".join(f"WHEN {c} THEN '{r}'" for r, c in LONG_TERM_ROW_QUARANTINE) + " END"
     prelude = sql.SQL("""
 rows_in AS (
     SELECT s.ctid::text AS row_key, s AS row_value, s.user_id, s.memory_json,
            memory_migration_try_jsonb(s.memory_json) AS doc
-    FROM {table} s WHERE {range}
+    FROM {table} s WHERE {where}
 ),
 row_outcome AS (SELECT r.*, {reasons} AS reason FROM rows_in r),
 s AS (
@@ -134,7 +142,7 @@ s AS (
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(o.doc) WHEN 'array' THEN o.doc
                                                  ELSE jsonb_build_array(o.doc) END) WITH ORDINALITY AS e(item, idx)
     WHERE o.reason IS NULL
-),""").format(table=sql.Identifier(m.table), range=range_predicate(m), reasons=sql.SQL(reasons))
+),""").format(table=sql.Identifier(m.table), where=where, reasons=sql.SQL(reasons))
     row_q = sql.SQL(""",
 row_q AS (
     INSERT INTO memory_migration_quarantine (source_table, source_key, reason, raw_row, run_id)

@@ -1,0 +1,548 @@
+"""Validation: checks that can fail, each with its evidence (numbers and ids, never memory text).
+
+Categories: schema (the contract in ``contract.py``), data integrity, reconciliation with the source
+(``reconcile.py``), tenant isolation (a real session as the application role), index use (EXPLAIN after
+ANALYZE) and the helper functions (exercised in a transaction that is rolled back). Every check returns
+pass, warn or fail; the report passes only when nothing fails.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import contract, reconcile
+from .backup import BackupManifest
+from .db import maintenance
+from .errors import ShapeError
+from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
+from .shapes import LEGACY_TABLES, detect
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+
+
+@dataclass
+class Check:
+    """One check's verdict and the evidence for it."""
+
+    name: str
+    status: str
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "message": self.message, "evidence": self.evidence}
+
+
+@dataclass
+class ValidationReport:
+    """Every check, and the distributions the guide lists (for people)."""
+
+    checks: list[Check] = field(default_factory=list)
+    distributions: dict[str, list[list[Any]]] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        statuses = {c.status for c in self.checks}
+        return FAIL if FAIL in statuses else WARN if WARN in statuses else PASS
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
+        return {"status": self.status, "counts": counts, "seconds": round(self.seconds, 3), "totals": self.totals,
+                "checks": [c.to_dict() for c in self.checks], "distributions": self.distributions}
+
+
+VectorChecks = Callable[[psycopg.Connection], list[Check]]
+
+
+def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None,
+             vectors: VectorChecks | None = None) -> ValidationReport:
+    """Run every check against ``conn``'s database (autocommit connection; nothing is changed)."""
+    started = time.monotonic()
+    report = ValidationReport()
+    with maintenance(conn):
+        report.checks += schema_checks(conn)
+        if conn.execute("SELECT to_regclass('memories'), to_regclass('memory_migration_runs')").fetchone() == (
+                None, None) or any(c.name == "schema.tables" and c.status == FAIL for c in report.checks):
+            report.seconds = time.monotonic() - started
+            return report
+        report.checks += integrity_checks(conn)
+        report.checks += reconciliation_checks(conn, manifest)
+        report.checks += isolation_checks(conn)
+        report.checks += index_checks(conn)
+        report.checks += function_checks(conn)
+        if vectors is not None:
+            report.checks += vectors(conn)
+        report.distributions, report.totals = distributions(conn)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _verdict(name: str, problems: list[str], ok: str, evidence: dict[str, Any] | None = None,
+             *, warn: bool = False) -> Check:
+    if not problems:
+        return Check(name, PASS, ok, evidence or {})
+    shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+    return Check(name, WARN if warn else FAIL, shown, {**(evidence or {}), "problems": problems[:50]})
+
+
+# ------------------------------------------------------------------------------------------- schema
+def schema_checks(conn: psycopg.Connection) -> list[Check]:
+    """The catalog against the contract: tables, columns, constraints, indexes, functions, triggers, views."""
+    here = _scalar(conn, "SELECT current_schema()")
+    tables = {r[0] for r in conn.execute(
+        "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace AND relkind IN ('r', 'p')")}
+    missing = [f"table {t} is missing" for t in contract.COLUMNS if t not in tables]
+    checks = [_verdict("schema.tables", missing, "memories, memory_access_log and memory_relationships exist",
+                       {"schema": here})]
+    if missing:
+        return checks
+    return checks + [_columns(conn), _constraints(conn), _indexes(conn), _functions(conn), _triggers(conn),
+                     _views(conn), _policies(conn)]
+
+
+def _columns(conn: psycopg.Connection) -> Check:
+    live = {(t, c): (typ, nullable == "YES", default) for t, c, typ, nullable, default in conn.execute(
+        "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = ANY(%s)", [list(contract.COLUMNS)])}
+    problems = []
+    for table, columns in contract.COLUMNS.items():
+        for name, rule in columns.items():
+            found = live.get((table, name))
+            if found is None:
+                problems.append(f"{table}.{name} is missing")
+                continue
+            typ, nullable, default = found
+            if typ != rule.type:
+                problems.append(f"{table}.{name} is {typ}, expected {rule.type}")
+            if nullable and not rule.nullable:
+                problems.append(f"{table}.{name} accepts NULL")
+            if rule.default is not None and rule.default not in (default or ""):
+                problems.append(f"{table}.{name} default is {default!r}, expected {rule.default!r}")
+    total = sum(len(c) for c in contract.COLUMNS.values())
+    return _verdict("schema.columns", problems, f"{total} columns with their types, nullability and defaults")
+
+
+def _constraints(conn: psycopg.Connection) -> Check:
+    live = {name: (table, valid) for name, table, valid in conn.execute(
+        "SELECT conname, conrelid::regclass::text, convalidated FROM pg_constraint "
+        "WHERE connamespace = current_schema()::regnamespace")}
+    problems = []
+    for name, table in contract.CONSTRAINTS.items():
+        if name not in live or live[name][0] != table:
+            problems.append(f"constraint {name} on {table} is missing")
+        elif not live[name][1]:
+            problems.append(f"constraint {name} is NOT VALID")
+    fks = [r[0] for r in conn.execute(
+        "SELECT confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'memory_relationships'::regclass "
+        "AND contype = 'f'")]
+    if sorted(fks) != ["memories", "memories"]:
+        problems.append(f"memory_relationships foreign keys point at {sorted(fks)}, expected memories")
+    return _verdict("schema.constraints", problems, f"{len(contract.CONSTRAINTS)} constraints present and valid")
+
+
+def _indexes(conn: psycopg.Connection) -> Check:
+    live = {name: valid for name, valid in conn.execute(
+        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relnamespace = current_schema()::regnamespace")}
+    deferred = {r[0] for r in conn.execute("SELECT index_name FROM memory_migration_deferred_indexes")} \
+        if _exists(conn, "memory_migration_deferred_indexes") else set()
+    problems = [f"index {n} is missing" + (" (dropped for a load; re-run migrate)" if n in deferred else "")
+                for n in contract.INDEXES if n not in live]
+    problems += [f"index {n} is invalid" for n in contract.INDEXES if n in live and not live[n]]
+    return _verdict("schema.indexes", problems, f"{len(contract.INDEXES)} indexes present and valid")
+
+
+def _functions(conn: psycopg.Connection) -> Check:
+    rows = conn.execute("SELECT proname, pronargs, provolatile FROM pg_proc "
+                        "WHERE pronamespace = current_schema()::regnamespace AND proname = ANY(%s)",
+                        [list(contract.FUNCTIONS)]).fetchall()
+    problems = []
+    for name, nargs in contract.FUNCTIONS.items():
+        found = [r for r in rows if r[0] == name]
+        if not found:
+            problems.append(f"function {name} is missing")
+        elif len(found) > 1:
+            problems.append(f"function {name} has {len(found)} definitions (calls are ambiguous; legacy overload?)")
+        elif found[0][1] != nargs:
+            problems.append(f"function {name} takes {found[0][1]} arguments, expected {nargs}")
+        elif name in contract.NOT_IMMUTABLE and found[0][2] == "i":
+            problems.append(f"function {name} is declared IMMUTABLE but reads the clock")
+    return _verdict("schema.functions", problems, f"{len(contract.FUNCTIONS)} functions, one definition each")
+
+
+def _triggers(conn: psycopg.Connection) -> Check:
+    live = {n: (t, enabled) for n, t, enabled in conn.execute(
+        "SELECT tgname, tgrelid::regclass::text, tgenabled::text FROM pg_trigger WHERE NOT tgisinternal")}
+    problems = [f"trigger {n} on {t} is missing" for n, t in contract.TRIGGERS.items() if live.get(n, ("",))[0] != t]
+    problems += [f"trigger {n} is disabled" for n in contract.TRIGGERS if n in live and live[n][1] == "D"]
+    return _verdict("schema.triggers", problems, "insert and update triggers present and enabled")
+
+
+def _views(conn: psycopg.Connection) -> Check:
+    reads: dict[str, set[str]] = {}
+    for view, table in conn.execute(
+            "SELECT DISTINCT v.relname, t.relname FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class "
+            "JOIN pg_depend d ON d.objid = r.oid JOIN pg_class t ON t.oid = d.refobjid "
+            "WHERE v.relnamespace = current_schema()::regnamespace AND v.relkind = 'v' AND t.relkind IN ('r', 'p') "
+            "AND t.oid <> v.oid"):
+        reads.setdefault(view, set()).add(table)
+    problems = []
+    for view, tables in contract.VIEWS.items():
+        if view not in reads:
+            problems.append(f"view {view} is missing")
+        elif reads[view] != set(tables):
+            problems.append(f"view {view} reads {sorted(reads[view])}, expected {list(tables)}")
+    return _verdict("schema.views", problems, f"{len(contract.VIEWS)} views over the unified tables")
+
+
+def _policies(conn: psycopg.Connection) -> Check:
+    live = {(p, t) for p, t in conn.execute(
+        "SELECT policyname, tablename FROM pg_policies WHERE schemaname = current_schema()")}
+    problems = [f"policy {p} on {t} is missing" for p, t in contract.POLICIES.items() if (p, t) not in live]
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [contract.APP_ROLE]).fetchone() is None:
+        problems.append(f"role {contract.APP_ROLE} does not exist")
+    return _verdict("schema.policies", problems, "tenant policies and the application role exist")
+
+
+# ------------------------------------------------------------------------------------------- integrity
+def _in(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join("'" + v + "'" for v in values) + ")"
+
+
+INTEGRITY_RULES: dict[str, str] = {
+    "empty_text": "text IS NULL OR btrim(text) = ''",
+    "importance_range": "importance IS NULL OR importance NOT BETWEEN 1 AND 10",
+    "decay_tier_vocabulary": "decay_tier IS NULL OR decay_tier NOT IN ('short', 'medium', 'long', 'pinned')",
+    "memory_type_vocabulary": f"memory_type IS NULL OR memory_type NOT IN {_in(MEMORY_TYPES.allowed)}",
+    "neuro_type_vocabulary": f"neuro_type IS NULL OR neuro_type NOT IN {_in(NEURO_TYPES.allowed)}",
+    "ui_source_vocabulary": f"ui_source IS NULL OR ui_source NOT IN {_in(UI_SOURCES.allowed)}",
+    "tags_array": "tags IS NULL OR jsonb_typeof(tags) <> 'array'",
+    "meta_object": "meta IS NULL OR jsonb_typeof(meta) <> 'object'",
+    "expiry_matches_tier": "(decay_tier = 'pinned') <> (expires_at IS NULL)",
+    "decay_lambda_set": "decay_lambda IS NULL",
+    "provenance_complete": "(source_table IS NULL) <> (source_key IS NULL)",
+    "expired_on_arrival": "migrated_at IS NOT NULL AND expires_at IS NOT NULL AND expires_at <= migrated_at",
+}
+
+
+def integrity_checks(conn: psycopg.Connection) -> list[Check]:
+    """One scan of memories counting every rule's violations; ids of offenders (never text)."""
+    filters = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(sql.SQL(c))
+                                 for c in INTEGRITY_RULES.values())
+    row = conn.execute(sql.SQL("SELECT count(*), {} FROM memories").format(filters)).fetchone()
+    assert row is not None
+    expiry_by_choice = _scalar(conn, "SELECT count(*) FROM memory_migration_runs WHERE options ->> 'expiry' = "
+                                     "'created' AND status IN ('succeeded', 'running', 'interrupted')")
+    checks = []
+    for (rule, condition), count in zip(INTEGRITY_RULES.items(), row[1:], strict=True):
+        evidence: dict[str, Any] = {"memories": int(row[0]), "violations": int(count)}
+        if not count:
+            checks.append(Check(f"integrity.{rule}", PASS, f"no violation among {row[0]} memories", evidence))
+            continue
+        evidence["sample_ids"] = [str(r[0]) for r in conn.execute(
+            sql.SQL("SELECT id FROM memories WHERE {} ORDER BY id LIMIT 10").format(sql.SQL(condition)))]
+        chosen = rule == "expired_on_arrival" and expiry_by_choice
+        checks.append(Check(f"integrity.{rule}", WARN if chosen else FAIL,
+                            f"{count} memories violate {rule}" + (" (the run chose --expiry created)" if chosen
+                                                                   else ""), evidence))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------- reconciliation
+def reconciliation_checks(conn: psycopg.Connection, manifest: BackupManifest | None) -> list[Check]:
+    """Per legacy table: every source row has one outcome, and migrated content equals the mapped source."""
+    tz = _scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
+                       "WHERE status = 'succeeded' ORDER BY run_id DESC LIMIT 1), 'UTC')")
+    checks = []
+    for table in LEGACY_TABLES:
+        try:
+            found = detect(conn, table)
+        except ShapeError as exc:
+            checks.append(Check(f"reconciliation.counts.{table}", FAIL, str(exc)))
+            continue
+        if found is None:
+            checks.append(_without_source(conn, table, manifest))
+            continue
+        account = reconcile.counts(conn, table, found.shape)
+        left = int(account["unaccounted"])
+        message = (f"{account['source_rows']} source rows = {account['migrated']} migrated + {account['duplicates']}"
+                   f" duplicates + {account['quarantined']} quarantined")
+        checks.append(Check(f"reconciliation.counts.{table}", PASS if left == 0 else FAIL,
+                            message if left == 0 else f"{left} source rows (or items) have no outcome "
+                                                      f"or more than one; {message}", account))
+        diff = reconcile.content(conn, table, found.shape, source_timezone=tz)
+        checks.append(Check(
+            f"reconciliation.content.{table}", PASS if diff.equal else FAIL,
+            f"mapped content equal for {diff.compared_rows} memories of {diff.tenants} tenants" if diff.equal else
+            f"content differs for {len(diff.differing_tenants)} tenants; keys: {', '.join(diff.differing_keys[:5])}",
+            diff.to_dict()))
+    return checks
+
+
+def _without_source(conn: psycopg.Connection, table: str, manifest: BackupManifest | None) -> Check:
+    name = f"reconciliation.counts.{table}"
+    entry = manifest.tables.get(table) if manifest else None
+    if entry is None:
+        seen = reconcile.outcomes_without_source(conn, table)
+        status = WARN if seen else PASS
+        return Check(name, status, f"{table} is absent" + (f" but {seen} rows have outcomes: pass --backup to "
+                                                            "reconcile against its manifest" if seen else ""),
+                     {"outcomes": seen})
+    seen = reconcile.outcomes_without_source(conn, table)
+    ok = seen == entry.rows
+    return Check(name, PASS if ok else FAIL, f"{table} is gone; the backup manifest holds {entry.rows} rows and "
+                 f"{seen} have an outcome", {"manifest_rows": entry.rows, "outcomes": seen})
+
+
+# ------------------------------------------------------------------------------------------- isolation
+def isolation_checks(conn: psycopg.Connection) -> list[Check]:
+    """RLS enabled and forced; a real application session sees and writes only its own tenant."""
+    flags = {t: (rls, force) for t, rls, force in conn.execute(
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
+        "WHERE relnamespace = current_schema()::regnamespace AND relname = ANY(%s)", [list(contract.RLS_TABLES)])}
+    problems = [f"row-level security is {'not forced' if flags.get(t, (False,))[0] else 'disabled'} on {t}"
+                for t in contract.RLS_TABLES if flags.get(t) != (True, True)]
+    checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories and the log")]
+    owners = _scalar(conn, "SELECT count(*) FROM memories WHERE user_id IS NULL OR btrim(user_id) = ''")
+    checks.append(_verdict("isolation.owners", [f"{owners} memories have no owner"] if owners else [],
+                           "every memory has an owner"))
+    checks.append(_sessions(conn))
+    return checks
+
+
+def _sessions(conn: psycopg.Connection) -> Check:
+    problems: list[str] = []
+    sampled = conn.execute("SELECT user_id, org_id, count(*) FROM memories GROUP BY user_id, org_id "
+                           "ORDER BY count(*) DESC, user_id LIMIT 3").fetchall()
+    with conn.transaction(force_rollback=True):
+        probe = conn.execute(
+            "INSERT INTO memories (user_id, org_id, text) VALUES ('um-validate:a', NULL, 'probe a'), "
+            "('um-validate:b', NULL, 'probe b') RETURNING id").fetchall()
+        conn.execute("INSERT INTO memory_access_log (memory_id, user_id, access_type) VALUES (%s, 'um-validate:b', "
+                     "'read')", [probe[1][0]])
+        tenants = [*sampled, ("um-validate:a", None, 1)]
+        try:
+            with _as_app(conn):
+                for user, org, expected in tenants:
+                    problems += _one_tenant(conn, str(user), org, int(expected))
+                problems += _forged_write(conn)
+        except psycopg.Error as exc:
+            problems.append(f"the application session failed: [{exc.sqlstate}] {exc.diag.message_primary}")
+    return _verdict("isolation.sessions", problems,
+                    f"as {contract.APP_ROLE}, {len(tenants)} tenants each saw only their own rows; forged writes "
+                    "refused", {"tenants_sampled": len(tenants)})
+
+
+@contextmanager
+def _as_app(conn: psycopg.Connection) -> Iterator[None]:
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(contract.APP_ROLE)))
+        conn.execute("SET LOCAL row_security = on")
+        yield
+
+
+def _one_tenant(conn: psycopg.Connection, user: str, org: str | None, expected: int) -> list[str]:
+    conn.execute("SELECT set_config('app.user_id', %s, true), set_config('app.org_id', %s, true)", [user, org or ""])
+    seen = conn.execute("SELECT count(*), count(*) FILTER (WHERE user_id <> %s OR org_id IS DISTINCT FROM %s) "
+                        "FROM memories", [user, org]).fetchone()
+    logs = conn.execute("SELECT count(*) FROM memory_access_log WHERE user_id <> %s", [user]).fetchone()
+    assert seen is not None and logs is not None
+    problems = []
+    if seen[1] or logs[0]:
+        problems.append(f"tenant {user}/{org} sees {seen[1]} memories and {logs[0]} log rows of other tenants")
+    if seen[0] - seen[1] != expected:
+        problems.append(f"tenant {user}/{org} sees {seen[0] - seen[1]} of its {expected} memories")
+    return problems
+
+
+def _forged_write(conn: psycopg.Connection) -> list[str]:
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO memories (user_id, text) VALUES ('um-validate:b', 'forged')")
+    except psycopg.errors.InsufficientPrivilege:
+        return []
+    return ["a session for tenant um-validate:a could write a memory owned by um-validate:b"]
+
+
+# ------------------------------------------------------------------------------------------- indexes
+CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "by_user": ("SELECT id FROM memories WHERE user_id = %(u)s AND deleted_at IS NULL",
+                ("idx_memories_user", "idx_memories_user_org", "idx_memories_user_org_type_created",
+                 "idx_memories_user_org_importance_created")),
+    "by_user_org": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND deleted_at IS NULL",
+                    ("idx_memories_user_org", "idx_memories_user_org_type_created",
+                     "idx_memories_user_org_importance_created")),
+    "by_user_type": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND memory_type = %(t)s "
+                     "AND deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
+                     ("idx_memories_user_org_type_created",)),
+    "recent": ("SELECT id FROM memories WHERE deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
+               ("idx_memories_created_at",)),
+    "expiring": ("SELECT id FROM memories WHERE deleted_at IS NULL AND decay_tier = 'short' "
+                 "AND expires_at < now() + interval '1 day'",
+                 ("idx_memories_tier_expires", "idx_memories_decay_cleanup", "idx_memories_expires_at")),
+}
+
+
+def index_checks(conn: psycopg.Connection) -> list[Check]:
+    """EXPLAIN the canonical tenant queries after ANALYZE: each must use one of its intended indexes."""
+    conn.execute("ANALYZE memories")
+    sample = conn.execute("SELECT user_id, coalesce(org_id, ''), memory_type FROM memories "
+                          "ORDER BY org_id IS NULL, id LIMIT 1").fetchone() or ("nobody", "", "general")
+    params = {"u": sample[0], "o": sample[1], "t": sample[2]}
+    small = _scalar(conn, "SELECT reltuples < 10000 FROM pg_class WHERE oid = 'memories'::regclass")
+    checks = []
+    for name, (query, intended) in CANONICAL_QUERIES.items():
+        used = _indexes_used(conn, query, params, seqscan=True)
+        note = ""
+        if not set(used) & set(intended) and small:
+            used, note = _indexes_used(conn, query, params, seqscan=False), " (small table: sequential scans off)"
+        ok = bool(set(used) & set(intended))
+        checks.append(Check(f"indexes.{name}", PASS if ok else FAIL,
+                            f"uses {', '.join(used)}{note}" if ok else
+                            f"uses {', '.join(used) or 'no index'}; expected one of {', '.join(intended)}",
+                            {"indexes_used": used, "intended": list(intended)}))
+    return checks
+
+
+def _indexes_used(conn: psycopg.Connection, query: str, params: dict[str, str], *, seqscan: bool) -> list[str]:
+    with conn.transaction(force_rollback=True):
+        if not seqscan:
+            conn.execute("SET LOCAL enable_seqscan = off")
+        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + sql.SQL(query), params).fetchone()
+    assert plan is not None
+    found: list[str] = []
+    _walk(plan[0][0]["Plan"], found)
+    return sorted(set(found))
+
+
+def _walk(node: dict[str, Any], found: list[str]) -> None:
+    if "Index Name" in node:
+        found.append(node["Index Name"])
+    for child in node.get("Plans", []):
+        _walk(child, found)
+
+
+# ------------------------------------------------------------------------------------------- functions
+_PROBE_ROWS = (
+    "INSERT INTO memories (user_id, text, neuro_type, decay_tier) VALUES "
+    "('um-validate:f', 'probe', 'episodic', 'short'), ('um-validate:d', 'probe', 'episodic', 'short'), "
+    "('um-validate:r', 'probe a', 'episodic', 'short'), ('um-validate:r', 'probe b', 'episodic', 'short'), "
+    "('um-validate:t', 'probe', 'semantic', 'short')"
+)
+
+# name -> (statements, what passing means); every statement returning a boolean must return true
+FUNCTION_PROBES: dict[str, tuple[tuple[str, ...], str]] = {
+    "functions.decay_score": ((
+        "SELECT bool_and(s BETWEEN 0 AND 1 AND s IS NOT NULL) AND abs(max(s) FILTER (WHERE k = 'fresh') - 1) < 1e-3 "
+        "AND abs(max(s) FILTER (WHERE k = 'ten_days') - exp(-0.4)) < 1e-3 FROM (VALUES "
+        "('old_loved', calculate_decay_score(now() - interval '365 days', 'episodic', 10, 50)), "
+        "('ancient', calculate_decay_score(now() - interval '40 years', 'episodic', 1, 0)), "
+        "('fresh', calculate_decay_score(now(), 'semantic', 5, 0)), "
+        "('ten_days', calculate_decay_score(now() - interval '10 days', 'semantic', 5, 0))) v(k, s)",),
+        "decay score within [0, 1], exp(-0.04 x 10 days) for semantic, no overflow at 365 days x 50 reads"),
+    "functions.expires_at": ((
+        "SELECT calculate_expires_at('short', t) = t + interval '7 days' "
+        "AND calculate_expires_at('medium', t) = t + interval '30 days' "
+        "AND calculate_expires_at('long', t) = t + interval '180 days' "
+        "AND calculate_expires_at('pinned', t) IS NULL FROM (SELECT timestamptz '2024-01-01 00:00+00' AS t) x",),
+        "short 7 d, medium 30 d, long 180 d, pinned never"),
+    "functions.insert_defaults": ((
+        "SELECT abs(decay_lambda - 0.04) < 1e-6 AND expires_at - created_at = interval '7 days' AND version = 1 "
+        "FROM memories WHERE user_id = 'um-validate:t'",),
+        "decay_lambda by neuro_type and expires_at by tier on insert"),
+    "functions.update_memory_access": ((
+        "SELECT update_memory_access(id, 'um-validate:f', NULL, 'read') FROM memories WHERE user_id = 'um-validate:f'",
+        "SELECT access_count = 1 AND version = 1 AND (SELECT count(*) FROM memory_access_log "
+        "WHERE user_id = 'um-validate:f' AND access_type = 'read') = 1 FROM memories WHERE user_id = 'um-validate:f'"),
+        "access counted (not a change: version stays) and audited"),
+    "functions.soft_delete_memory": ((
+        "SELECT soft_delete_memory(id, 'um-validate:d') FROM memories WHERE user_id = 'um-validate:d'",
+        "SELECT deleted_at IS NOT NULL AND NOT soft_delete_memory(id, 'um-validate:d') FROM memories "
+        "WHERE user_id = 'um-validate:d'"),
+        "soft delete once, audited"),
+    "functions.create_memory_relationship": ((
+        "SELECT create_memory_relationship(min(id::text)::uuid, max(id::text)::uuid, 'reflection') IS NOT NULL "
+        "FROM memories WHERE user_id = 'um-validate:r'",
+        "SELECT count(*) = 1 FROM memories WHERE user_id = 'um-validate:r' "
+        "AND jsonb_array_length(derived_memories) = 1"),
+        "relationship created and recorded on both memories"),
+    "functions.version_and_expiry": ((
+        "UPDATE memories SET decay_tier = 'long' WHERE user_id = 'um-validate:t'",
+        "SELECT version = 2 AND expires_at > now() + interval '179 days' FROM memories WHERE user_id = 'um-validate:t'",
+        "UPDATE memories SET decay_tier = 'pinned' WHERE user_id = 'um-validate:t'",
+        "SELECT version = 3 AND expires_at IS NULL AND updated_at IS NOT NULL FROM memories "
+        "WHERE user_id = 'um-validate:t'"),
+        "version increments on every update; a tier change moves expires_at; pinned clears it"),
+    "functions.audit_survives_delete": ((
+        "DELETE FROM memories WHERE user_id IN ('um-validate:d', 'um-validate:f')",
+        "SELECT count(*) = 2 FROM memory_access_log WHERE user_id IN ('um-validate:d', 'um-validate:f')"),
+        "audit rows outlive a hard delete of their memory"),
+    "functions.views": ((
+        "INSERT INTO memories (user_id, text, neuro_type, importance, access_count, created_at, decay_tier) VALUES "
+        "('um-validate:o', 'overflow probe', 'episodic', 10, 50, now() - interval '365 days', 'pinned')",
+        "SELECT (SELECT count(*) FROM active_memories_with_decay WHERE user_id = 'um-validate:o') = 1 "
+        "AND (SELECT sum(memory_count) FROM memory_analytics_by_tenant WHERE user_id = 'um-validate:o') = 1 "
+        "AND (SELECT count(*) FROM memory_relationship_details WHERE user_id = 'um-validate:r') = 1 "
+        "AND (SELECT sum(access_count) FROM memory_audit_summary WHERE user_id = 'um-validate:d') = 1"),
+        "every view answers, including over an old, often-read, important memory"),
+}
+
+
+def function_checks(conn: psycopg.Connection) -> list[Check]:
+    """Exercise every helper function and trigger inside one transaction that is rolled back."""
+    with conn.transaction(force_rollback=True):
+        conn.execute(_PROBE_ROWS)
+        return [_probe(conn, name, statements, ok) for name, (statements, ok) in FUNCTION_PROBES.items()]
+
+
+def _probe(conn: psycopg.Connection, name: str, statements: tuple[str, ...], ok: str) -> Check:
+    try:
+        with conn.transaction():
+            for statement in statements:
+                cur = conn.execute(statement)
+                row = cur.fetchone() if cur.description else None
+                if row is not None and isinstance(row[0], bool) and not row[0]:
+                    return Check(name, FAIL, f"wrong result from the probe: expected {ok}")
+    except psycopg.Error as exc:
+        return Check(name, FAIL, f"[{exc.sqlstate}] {exc.diag.message_primary}")
+    return Check(name, PASS, ok)
+
+
+# ------------------------------------------------------------------------------------------- distributions
+_DISTRIBUTIONS = {
+    "decay_tier": "SELECT decay_tier, count(*) FROM memories WHERE deleted_at IS NULL GROUP BY 1 ORDER BY 2 DESC",
+    "memory_type": "SELECT memory_type, count(*) FROM memories WHERE deleted_at IS NULL GROUP BY 1 ORDER BY 2 DESC",
+    "ui_source": "SELECT ui_source, count(*) FROM memories WHERE deleted_at IS NULL GROUP BY 1 ORDER BY 2 DESC",
+    "source_table": "SELECT coalesce(source_table, '(not migrated)'), count(*) FROM memories "
+                    "GROUP BY 1 ORDER BY 2 DESC",
+    "top_tenants": "SELECT user_id, count(*) FROM memories GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10",
+}
+
+
+def distributions(conn: psycopg.Connection) -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
+    """The guide's distributions (for the human report) and its headline totals."""
+    dist = {name: [list(r) for r in conn.execute(q)] for name, q in _DISTRIBUTIONS.items()}
+    row = conn.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT org_id) FROM memories").fetchone()
+    assert row is not None
+    return dist, {"total_memories": row[0], "unique_users": row[1], "unique_orgs": row[2]}
+
+
+def _scalar(conn: psycopg.Connection, query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    return row[0] if row else None
+
+
+def _exists(conn: psycopg.Connection, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s)", [table]).fetchone() != (None,)
