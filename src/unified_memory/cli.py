@@ -20,11 +20,13 @@ import typer
 from . import backup, fixtures, logs, report, schema
 from .backupfile import load_key
 from .db import Target, connect, target_for
-from .errors import ConfigError, UnifiedMemoryError
+from .errors import ConfigError, UnifiedMemoryError, ValidationFailed
+from .health import health
 from .migrate import MigrationOptions, migrate
 from .progress import reporter
 from .rollback import rollback
-from .settings import backup_dir, home_dir, resolve_dsn
+from .settings import backup_dir, home_dir, resolve_dsn, write_private
+from .validate import validate
 
 app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -271,6 +273,53 @@ def rollback_cmd(
         secret = load_key(key_file=key_file)
     run(ctx, lambda conn: rollback(conn, path.resolve(), secret=secret, dry_run=dry_run, yes=yes, force=force,
                                    discard_new_rows=discard_new_rows), report.rollback_result, json_flag)
+
+
+# ---------------------------------------------------------------------------------------------- validate
+_RENDERERS = {"json": lambda r: json.dumps(r.to_dict(), indent=2, default=str) + "\n",
+              "markdown": report.validation_markdown, "html": report.validation_html}
+
+
+@app.command("validate")
+def validate_cmd(
+    ctx: typer.Context,
+    report_path: Annotated[Path | None, typer.Option("--report", help="Write a report file here.",
+                                                     show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Report format: json, markdown or html (default: from "
+                                                             "the file's extension, else markdown).",
+                                            show_default=False)] = None,
+    backup_path: Annotated[Path | None, typer.Option("--backup", help="Reconcile counts of legacy tables that are "
+                                                                      "gone against this backup's manifest.",
+                                                     show_default=False)] = None,
+    key_file: KeyFileOpt = None,
+    json_flag: JsonOpt = False,
+) -> None:
+    """Check schema, data integrity, reconciliation with the source, tenant isolation, indexes and functions."""
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        kind = fmt or {".json": "json", ".html": "html", ".htm": "html"}.get(
+            report_path.suffix.lower() if report_path else "", "markdown")
+        if kind not in _RENDERERS:
+            raise ConfigError(f"--format takes json, markdown or html; got {kind!r}")
+        manifest = backup.verify(backup_path, secret=load_key(key_file=key_file)) if backup_path else None
+        with connect(opts.target()) as conn:
+            result = validate(conn, manifest=manifest)
+        if report_path is not None:
+            write_private(report_path, _RENDERERS[kind](result))
+        emit(opts, result, report.validation)
+        if report_path is not None and not opts.json:
+            print(f"report: {report_path.resolve()}")
+        if result.status == "fail":
+            raise ValidationFailed(f"{len(result.failed())} validation checks failed: "
+                                   + ", ".join(c.name for c in result.failed()[:10]))
+
+
+@app.command("health")
+def health_cmd(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
+    """The guide's health queries, the last run's status, quarantine and expired-on-arrival counts."""
+    result = run(ctx, health, report.health_text, json_flag)
+    if result is not None and not result.healthy:
+        raise typer.Exit(ValidationFailed.exit_code)
 
 
 def main() -> None:

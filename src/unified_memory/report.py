@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from html import escape
+
 from .backup import BackupManifest
+from .health import Health
 from .migrate import MigrationRun
 from .rollback import RollbackResult
+from .validate import ValidationReport
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -67,3 +71,70 @@ def rollback_result(result: RollbackResult) -> str:
         f"quarantine rows cleared: {result.quarantine_cleared}; checkpoints cleared: {result.checkpoints_cleared}; "
         f"runs marked rolled_back: {result.runs_marked}",
     ])
+
+
+_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+
+
+def validation(result: ValidationReport) -> str:
+    """The validator's verdict on a terminal: one line per check, failures first."""
+    order = {"fail": 0, "warn": 1, "pass": 2}
+    lines = [f"{_MARK[c.status]}  {c.name}: {c.message}" for c in sorted(result.checks, key=lambda c: order[c.status])]
+    counts = result.to_dict()["counts"]
+    lines.append("")
+    lines.append(f"validation {result.status.upper()}: {counts['pass']} passed, {counts['warn']} warned, "
+                 f"{counts['fail']} failed in {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def validation_markdown(result: ValidationReport) -> str:
+    """A Markdown page: verdict, every check with its evidence, and the distributions as bar charts."""
+    data = result.to_dict()
+    lines = [f"# Unified memory validation: {result.status.upper()}", "",
+             f"{data['counts']['pass']} passed, {data['counts']['warn']} warned, {data['counts']['fail']} failed "
+             f"in {result.seconds:.1f} s. Totals: " + ", ".join(f"{k} {v}" for k, v in result.totals.items()), "",
+             "| status | check | result |", "| --- | --- | --- |"]
+    lines += [f"| {_MARK[c.status]} | `{c.name}` | {_md(c.message)} |" for c in result.checks]
+    for name, rows in result.distributions.items():
+        lines += ["", f"## {name.replace('_', ' ')}", "", "| value | memories | |", "| --- | ---: | --- |"]
+        top = max((int(r[1]) for r in rows), default=1) or 1
+        lines += [f"| {_md(str(r[0]))} | {r[1]} | {'█' * max(1, round(30 * int(r[1]) / top))} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def validation_html(result: ValidationReport) -> str:
+    """A standalone HTML page with the same content as the Markdown one, and CSS bar charts."""
+    data = result.to_dict()
+    rows = "".join(f"<tr class='{c.status}'><td>{_MARK[c.status]}</td><td><code>{escape(c.name)}</code></td>"
+                   f"<td>{escape(c.message)}</td></tr>" for c in result.checks)
+    charts = []
+    for name, dist in result.distributions.items():
+        top = max((int(r[1]) for r in dist), default=1) or 1
+        bars = "".join(f"<tr><td>{escape(str(r[0]))}</td><td class='n'>{r[1]}</td><td><div class='bar' "
+                       f"style='width:{max(1, round(300 * int(r[1]) / top))}px'></div></td></tr>" for r in dist)
+        charts.append(f"<h2>{escape(name.replace('_', ' '))}</h2><table>{bars}</table>")
+    totals = ", ".join(f"{escape(k)} {v}" for k, v in result.totals.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Unified memory validation</title><style>"
+            "body{font-family:sans-serif;margin:2em}td{padding:2px 8px}.fail td:first-child{color:#b00;"
+            "font-weight:bold}.warn td:first-child{color:#a60}.pass td:first-child{color:#070}"
+            ".bar{background:#48c;height:12px}.n{text-align:right}</style></head><body>"
+            f"<h1>Unified memory validation: {result.status.upper()}</h1><p>{data['counts']['pass']} passed, "
+            f"{data['counts']['warn']} warned, {data['counts']['fail']} failed in {result.seconds:.1f} s. "
+            f"Totals: {totals}</p><table>{rows}</table>{''.join(charts)}</body></html>\n")
+
+
+def health_text(result: Health) -> str:
+    """``health`` on a terminal."""
+    run = result.last_run
+    lines = [f"health: {'OK' if result.healthy else 'PROBLEMS'} ({result.seconds:.2f} s)",
+             "records: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()),
+             "quality: " + ", ".join(f"{k} {v}" for k, v in result.quality.items()),
+             f"last migration run: {run['run_id']} {run['status']} at {run['finished_at']}" if run
+             else "last migration run: none",
+             f"quarantined legacy rows or items: {result.quarantined}", "",
+             _table(["user_id", "memories"], [list(r) for r in result.top_tenants])]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

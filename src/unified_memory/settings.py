@@ -43,6 +43,15 @@ def backup_dir(home: Path, env: Mapping[str, str] = os.environ) -> Path:
     return private_dir(Path(configured).expanduser().resolve() if configured else home / "backups")
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write a report readable by its owner only (0600): reports name tenants."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    return path
+
+
 def resolve_dsn(dsn: str | None, env: Mapping[str, str] = os.environ) -> str | None:
     """The connection string to use, or ``None`` for the embedded server."""
     if dsn:
