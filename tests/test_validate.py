@@ -48,7 +48,8 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                               "AS $$ SELECT 1 $$",), {"schema.functions"}),
     "check_dropped_then_bad_data": (("ALTER TABLE memories DROP CONSTRAINT memories_importance_range",
                                      "UPDATE memories SET importance = 11 WHERE id = "
-                                     "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)"),
+                                     "(SELECT id FROM memories WHERE source_table = 'memory_entries' "
+                                     "ORDER BY id LIMIT 1)"),
                                     {"schema.constraints", "integrity.importance_range",
                                      "reconciliation.content.memory_entries"}),
     "expired_on_arrival": (("UPDATE memories SET expires_at = migrated_at - interval '1 day' WHERE id = "
