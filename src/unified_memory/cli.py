@@ -17,15 +17,17 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from . import backup, fixtures, logs, report, schema
+from . import backup, fixtures, logs, report, schema, vectors
 from .backupfile import load_key
 from .db import Target, connect, target_for
-from .errors import ConfigError, UnifiedMemoryError, ValidationFailed
+from .embedders import Embedder, embedder_for
+from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
 from .health import health
 from .migrate import MigrationOptions, migrate
+from .milvus import MilvusClient
 from .progress import reporter
 from .rollback import rollback
-from .settings import backup_dir, home_dir, resolve_dsn, write_private
+from .settings import backup_dir, home_dir, milvus_uri, resolve_dsn, write_private
 from .validate import validate
 
 app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
@@ -38,6 +40,8 @@ backup_app = typer.Typer(help="Back up the legacy tables into one verified file 
 app.add_typer(schema_app, name="schema")
 app.add_typer(legacy_app, name="legacy")
 app.add_typer(backup_app, name="backup")
+vectors_app = typer.Typer(help="The unified Milvus collection: create, fill, verify, search.", no_args_is_help=True)
+app.add_typer(vectors_app, name="vectors")
 
 
 @dataclass
@@ -320,6 +324,85 @@ def health_cmd(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
     result = run(ctx, health, report.health_text, json_flag)
     if result is not None and not result.healthy:
         raise typer.Exit(ValidationFailed.exit_code)
+
+
+# ---------------------------------------------------------------------------------------------- vectors
+CollectionOpt = Annotated[str, typer.Option(envvar="UNIFIED_MEMORY_COLLECTION", help="Milvus collection name.")]
+DimOpt = Annotated[int, typer.Option("--dim", help="Vector dimension of the collection.")]
+EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a vector: hashing (built in), "
+                                               "minilm (the 'embedder' extra) or none.")]
+
+
+@contextmanager
+def _milvus(opts: Options) -> Iterator[MilvusClient]:
+    uri = milvus_uri(home=opts.data_dir)
+    client = vectors.open_client(uri)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _embedder(name: str, dim: int) -> Embedder | None:
+    return None if name == "none" else embedder_for(name, dim)
+
+
+@vectors_app.command("up")
+def vectors_up(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
+               dim: DimOpt = vectors.DEFAULT_DIMENSION, json_flag: JsonOpt = False) -> None:
+    """Create the unified collection and its indexes (idempotent; an incompatible one is reported, not changed)."""
+    opts = options(ctx, json_flag)
+    with failures(opts), _milvus(opts) as client:
+        emit(opts, vectors.up(client, vectors.CollectionSpec(collection, dim)), report.vector_up)
+
+
+@vectors_app.command("sync")
+def vectors_sync(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
+                 dim: DimOpt = vectors.DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
+                 batch_size: Annotated[int, typer.Option(help="Memories per batch.")] = 1000,
+                 full: Annotated[bool, typer.Option(help="Re-upsert every memory, not only unsynced ones.")] = False,
+                 json_flag: JsonOpt = False) -> None:
+    """Fill the collection from memories: kept legacy vectors, old collections, else the embedder."""
+    opts = options(ctx, json_flag)
+    logs.setup(opts.data_dir)
+    with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn, \
+            reporter(not (opts.json or opts.quiet)) as progress:
+        result = vectors.sync(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
+                              batch_size=batch_size, full=full, progress=progress)  # type: ignore[arg-type]
+        emit(opts, result, report.vector_sync)
+
+
+@vectors_app.command("verify")
+def vectors_verify(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
+                   dim: DimOpt = vectors.DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
+                   sample: Annotated[int, typer.Option(help="Entities to compare field by field.")] = 200,
+                   json_flag: JsonOpt = False) -> None:
+    """Per-tenant counts, sampled fields and vectors, and a tenant-filtered search; non-zero exit on a difference."""
+    opts = options(ctx, json_flag)
+    with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn:
+        result = vectors.verify(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
+                                sample=sample)
+        emit(opts, result, lambda r: "\n".join(f"{c.status.upper()}  {c.name}: {c.message}" for c in r.checks))
+        if not result.ok:
+            raise VectorStoreError("the collection differs from memories (see the failed checks above)")
+
+
+@vectors_app.command("search")
+def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help="What to look for.")],
+                   user: Annotated[str, typer.Option("--user", help="The tenant's user id (required).")],
+                   org: Annotated[str | None, typer.Option("--org", help="The tenant's organisation, if any.",
+                                                           show_default=False)] = None,
+                   k: Annotated[int, typer.Option("-k", help="How many hits.")] = 5,
+                   collection: CollectionOpt = vectors.DEFAULT_COLLECTION, dim: DimOpt = vectors.DEFAULT_DIMENSION,
+                   embedder: EmbedderOpt = "hashing", json_flag: JsonOpt = False) -> None:
+    """Semantic search within one tenant (user, org); the search is written to memory_access_log."""
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        chosen = embedder_for(embedder, dim)
+        with _milvus(opts) as client, connect(opts.target()) as conn:
+            result = vectors.search(conn, client, vectors.CollectionSpec(collection, dim), chosen, user_id=user,
+                                    org_id=org, text=text, k=k)
+        emit(opts, result, report.search_hits)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from .health import Health
 from .migrate import MigrationRun
 from .rollback import RollbackResult
 from .validate import ValidationReport
+from .vectors import SearchResult, SyncResult, UpResult
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -138,3 +139,28 @@ def health_text(result: Health) -> str:
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def vector_sync(result: SyncResult) -> str:
+    """``vectors sync``: entities written, vectors per source, memories without a vector and why."""
+    data = result.to_dict()
+    lines = [f"synced {result.synced} memories into {result.collection} in {result.batches} batches "
+             f"({data['rows_per_second']:,.0f} rows/s)",
+             "vector sources: " + (", ".join(f"{k} {v}" for k, v in sorted(result.sources.items())) or "none")]
+    for reason, info in data["no_vector"].items():
+        lines.append(f"no vector ({reason}): {info['count']}, e.g. {', '.join(info['sample_ids'][:3])}")
+    return "\n".join(lines)
+
+
+def search_hits(result: SearchResult) -> str:
+    """``vectors search``: the tenant's hits, best first (text shortened)."""
+    lines = [f"{len(result.hits)} hits for user {result.user_id} org {result.org_id or '-'} "
+             f"in {result.seconds * 1000:.0f} ms (audited in memory_access_log)"]
+    lines += [f"{h['score']:.3f}  {h['id']}  {h['memory_type']:<12} {str(h['text'])[:70]}" for h in result.hits]
+    return "\n".join(lines)
+
+
+def vector_up(result: UpResult) -> str:
+    """``vectors up``: created or already there, and which indexes were missing."""
+    return (f"collection {result.collection}: {result.action}; indexes created: "
+            f"{', '.join(result.indexes_created) or 'none (all present)'}; {result.entities} entities")

@@ -75,10 +75,10 @@ def redact(dsn: str) -> str:
     return f"postgresql://{params.get('user') or '?'}@{host}:{port}/{params.get('dbname') or '?'}"
 
 
-def milvus_uri(env: Mapping[str, str] = os.environ) -> str:
+def milvus_uri(env: Mapping[str, str] = os.environ, *, home: Path | None = None) -> str:
     """``MILVUS_URI``, else ``MILVUS_HOST``/``MILVUS_PORT``, else a Milvus Lite file in the data directory."""
     if env.get("MILVUS_URI"):
         return env["MILVUS_URI"]
     if env.get("MILVUS_HOST"):
         return f"http://{env['MILVUS_HOST']}:{env.get('MILVUS_PORT', '19530')}"
-    return str(private_dir(home_dir(env)) / "milvus_lite.db")
+    return str(private_dir(home or home_dir(env)) / "milvus_lite.db")

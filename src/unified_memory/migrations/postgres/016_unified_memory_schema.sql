@@ -314,8 +314,8 @@ END
 $$;
 COMMENT ON FUNCTION memories_before_insert() IS 'unified-memory 016: insert defaults for decay_lambda and expires_at';
 
--- Counting an access (access_count, last_accessed) is not a change of the memory: it moves neither
--- version nor updated_at. Every other change does.
+-- Counting an access (access_count, last_accessed) is not a change of the memory, nor is the vectors step
+-- pointing embedding_id at the memory's vector: they move neither version nor updated_at. Every other change does.
 CREATE OR REPLACE FUNCTION memories_before_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.neuro_type IS DISTINCT FROM OLD.neuro_type AND NEW.decay_lambda IS NOT DISTINCT FROM OLD.decay_lambda
@@ -327,8 +327,9 @@ BEGIN
     ELSIF NEW.decay_tier IS DISTINCT FROM OLD.decay_tier AND NEW.expires_at IS NOT DISTINCT FROM OLD.expires_at THEN
         NEW.expires_at := calculate_expires_at(NEW.decay_tier, now());
     END IF;
-    IF (to_jsonb(NEW) - 'access_count' - 'last_accessed' - 'updated_at' - 'version')
-       IS DISTINCT FROM (to_jsonb(OLD) - 'access_count' - 'last_accessed' - 'updated_at' - 'version') THEN
+    IF (to_jsonb(NEW) - 'access_count' - 'last_accessed' - 'updated_at' - 'version' - 'embedding_id')
+       IS DISTINCT FROM (to_jsonb(OLD) - 'access_count' - 'last_accessed' - 'updated_at' - 'version' - 'embedding_id')
+    THEN
         NEW.updated_at := now();
         NEW.version := OLD.version + 1;
     END IF;
