@@ -6,6 +6,7 @@ code documented in the README; ``--traceback`` shows more.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -19,7 +20,8 @@ import typer
 
 from . import backup, fixtures, logs, report, schema, vectors
 from .backupfile import load_key
-from .db import Target, connect, target_for
+from .db import DEMO_DATABASE, Target, connect, fresh_database, target_for
+from .demo import run_demo
 from .embedders import Embedder, embedder_for
 from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
 from .health import health
@@ -27,7 +29,7 @@ from .migrate import MigrationOptions, migrate
 from .milvus import MilvusClient
 from .progress import reporter
 from .rollback import rollback
-from .settings import backup_dir, home_dir, milvus_uri, resolve_dsn, write_private
+from .settings import backup_dir, home_dir, milvus_uri, private_dir, resolve_dsn, write_private
 from .validate import validate
 
 app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
@@ -126,25 +128,13 @@ def run(ctx: typer.Context, work: Callable[[psycopg.Connection], Any], human: Ca
 
 
 # ---------------------------------------------------------------------------------------------- schema
-def _human_schema(result: schema.SchemaResult) -> str:
-    files = ", ".join(result.files) or "nothing to do"
-    return f"schema {result.action}: {files} ({result.seconds:.2f} s)"
-
-
-def _human_status(result: schema.SchemaStatus) -> str:
-    lines = [f"applied  {a['file']}  {a['applied_at']}" for a in result.applied]
-    lines += [f"pending  {name}" for name in result.pending]
-    lines += [f"EDITED   {name} (content changed after it was applied)" for name in result.edited]
-    return "\n".join(lines) or "no migration files"
-
-
 @schema_app.command("up")
 def schema_up(ctx: typer.Context,
               target: Annotated[str | None, typer.Option(help="Stop after this version, e.g. 016.")] = None,
               lock_wait: Annotated[float, typer.Option(help="Seconds to wait for another run's lock.")] = 10.0,
               json_flag: JsonOpt = False) -> None:
     """Apply every pending schema file, each in one transaction."""
-    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait), _human_schema, json_flag)
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait), report.schema_result, json_flag)
 
 
 @schema_app.command("down")
@@ -153,13 +143,13 @@ def schema_down(ctx: typer.Context,
                 force: Annotated[bool, typer.Option(help="Drop memories even when it holds rows.")] = False,
                 json_flag: JsonOpt = False) -> None:
     """Undo the newest applied schema files with their down files."""
-    run(ctx, lambda conn: schema.down(conn, steps=steps, force=force), _human_schema, json_flag)
+    run(ctx, lambda conn: schema.down(conn, steps=steps, force=force), report.schema_result, json_flag)
 
 
 @schema_app.command("status")
 def schema_status(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
     """List applied and pending schema files, and applied files edited since."""
-    run(ctx, schema.status, _human_status, json_flag)
+    run(ctx, schema.status, report.schema_status, json_flag)
 
 
 # ---------------------------------------------------------------------------------------------- legacy
@@ -231,6 +221,15 @@ def _backup_hook(opts: Options, key_file: Path | None) -> Callable[[psycopg.Conn
     return take_backup
 
 
+def _backup_file(opts: Options, path: Path) -> Path:
+    """``path``, or a bare file name found in the backup directory (the guide gives names only)."""
+    if not path.exists() and path.parent == Path("."):
+        candidate = backup_dir(opts.data_dir) / path.name
+        if candidate.exists():
+            return candidate
+    return path.resolve()
+
+
 # ---------------------------------------------------------------------------------------------- backup
 @backup_app.callback()
 def backup_cmd(ctx: typer.Context,
@@ -254,7 +253,7 @@ def backup_verify(ctx: typer.Context, path: Annotated[Path, typer.Argument(help=
     """Check a backup's completeness and every checksum, without a database."""
     opts = options(ctx, json_flag)
     with failures(opts):
-        emit(opts, backup.verify(path, secret=load_key(key_file=key_file)), report.verified)
+        emit(opts, backup.verify(_backup_file(opts, path), secret=load_key(key_file=key_file)), report.verified)
 
 
 # ---------------------------------------------------------------------------------------------- rollback
@@ -275,7 +274,8 @@ def rollback_cmd(
     logs.setup(opts.data_dir)
     with failures(opts):
         secret = load_key(key_file=key_file)
-    run(ctx, lambda conn: rollback(conn, path.resolve(), secret=secret, dry_run=dry_run, yes=yes, force=force,
+        found = _backup_file(opts, path)
+    run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
                                    discard_new_rows=discard_new_rows), report.rollback_result, json_flag)
 
 
@@ -403,6 +403,38 @@ def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help=
             result = vectors.search(conn, client, vectors.CollectionSpec(collection, dim), chosen, user_id=user,
                                     org_id=org, text=text, k=k)
         emit(opts, result, report.search_hits)
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@app.command("demo")
+def demo_cmd(ctx: typer.Context,
+             rows: Annotated[int, typer.Option(help="Synthetic rows per legacy table.")] = 20000,
+             json_flag: JsonOpt = False) -> None:
+    """The main job end to end on a fresh demo database (embedded PostgreSQL and Milvus Lite by default)."""
+    opts = options(ctx, json_flag)
+    logs.setup(opts.data_dir)
+    workdir = opts.data_dir / "demo"
+
+    def show(heading: str, text: str) -> None:
+        if not opts.json:
+            print(f"\n== {heading}\n{text}", flush=True)
+
+    with failures(opts):
+        target = fresh_database(opts.target(), DEMO_DATABASE)
+        shutil.rmtree(workdir, ignore_errors=True)
+        private_dir(workdir)
+        if not opts.json:
+            print(f"demo database: {target.description}; files in {workdir}")
+        client = vectors.open_client(str(workdir / "milvus_demo.db"))
+        try:
+            with connect(target) as conn:
+                result = run_demo(conn, client, rows=rows, workdir=workdir, show=show)
+        finally:
+            client.close()
+        if opts.json:
+            print(json.dumps(result.to_dict(), indent=2, default=str))
+        if not result.ok:
+            raise ValidationFailed("the demo's validation failed (see above)")
 
 
 def main() -> None:

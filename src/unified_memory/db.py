@@ -18,6 +18,7 @@ from .errors import DatabaseUnavailable, UnifiedMemoryError
 from .settings import private_dir, redact
 
 EMBEDDED_DATABASE = "unified_memory"
+DEMO_DATABASE = "unified_memory_demo"
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,14 @@ def maintenance(conn: psycopg.Connection) -> Iterator[None]:
         if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.execute("RESET ROLE")
             conn.execute("RESET row_security")
+
+
+def fresh_database(target: Target, name: str) -> Target:
+    """Drop and create database ``name`` on ``target``'s server; a target for it (the demo's sandbox)."""
+    with connect(target) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = psycopg.conninfo.conninfo_to_dict(target.dsn)
+    params["dbname"] = name
+    dsn = psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+    return Target(dsn, redact(dsn) if not target.embedded else f"{name} on {target.description}", target.embedded)

@@ -8,6 +8,7 @@ from .backup import BackupManifest
 from .health import Health
 from .migrate import MigrationRun
 from .rollback import RollbackResult
+from .schema import SchemaResult, SchemaStatus
 from .validate import ValidationReport
 from .vectors import SearchResult, SyncResult, UpResult
 
@@ -17,10 +18,25 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     table: list[list[object]] = [list(headers), *rows]
     cells = [[str(c) for c in row] for row in table]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in cells]
+    last = len(headers) - 1
+    lines = ["  ".join(c.ljust(w) if i == 0 else c if i == last and not c.isdigit() else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def schema_result(result: SchemaResult) -> str:
+    """``schema up`` / ``schema down``: the files run."""
+    files = ", ".join(result.files) or "nothing to do"
+    return f"schema {result.action}: {files} ({result.seconds:.2f} s)"
+
+
+def schema_status(result: SchemaStatus) -> str:
+    """``schema status``: applied, pending and edited files."""
+    lines = [f"applied  {a['file']}  {a['applied_at']}" for a in result.applied]
+    lines += [f"pending  {name}" for name in result.pending]
+    lines += [f"EDITED   {name} (content changed after it was applied)" for name in result.edited]
+    return "\n".join(lines) or "no migration files"
 
 
 def migration(run: MigrationRun) -> str:

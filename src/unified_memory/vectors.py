@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,25 +190,35 @@ Progress = Callable[[str, int, int], None]
 
 def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, embedder: Embedder | None, *,
          batch_size: int = 1000, full: bool = False, progress: Progress | None = None) -> SyncResult:
-    """Upsert every memory (not yet synced, or all with ``full``) into the collection, in keyset batches."""
+    """Upsert every memory (not yet synced, or all with ``full``) into the collection, in keyset batches.
+
+    Batch n+1 is read and embedded in a worker thread while batch n is upserted (one batch ahead at most,
+    so memory stays flat); ``embedding_id`` is set only after its batch's upsert returned.
+    """
     started = time.monotonic()
     result = SyncResult(spec.name)
     old = _OldCollections(client, spec.dimension)
-    with maintenance(conn), _milvus("syncing vectors"):
+    with maintenance(conn), _milvus("syncing vectors"), ThreadPoolExecutor(max_workers=1) as ahead:
         if not client.has_collection(spec.name):
             raise VectorStoreError(f"collection {spec.name} does not exist: run `unified-memory vectors up` first")
         client.load_collection(spec.name)
         total = _scalar(conn, _PENDING, {"full": full})
-        after: str | None = None
-        while rows := conn.execute(_BATCH, {"after": after, "full": full, "limit": batch_size,
-                                            "chars": TEXT_CHARS}).fetchall():
-            entities = _entities(rows, old, embedder, spec.dimension, result)
+
+        def prepare(after: str | None) -> tuple[str | None, list[dict[str, Any]]]:
+            rows = conn.execute(_BATCH, {"after": after, "full": full, "limit": batch_size, "chars": TEXT_CHARS},
+                                binary=True).fetchall()
+            return (str(rows[-1][0]) if rows else None), _entities(rows, old, embedder, spec.dimension, result)
+
+        last, entities = prepare(None)
+        while last is not None:
+            following = ahead.submit(prepare, last)
             if entities:
                 client.upsert(spec.name, entities)
                 conn.execute(_POINT, [[e["id"] for e in entities]])
-            after, result.batches, result.synced = rows[-1][0], result.batches + 1, result.synced + len(entities)
+            result.batches, result.synced = result.batches + 1, result.synced + len(entities)
             if progress is not None:
                 progress("vectors", result.synced, total)
+            last, entities = following.result()
     result.seconds = time.monotonic() - started
     log.info("vectors sync collection=%s synced=%d batches=%d no_vector=%d", spec.name, result.synced,
              result.batches, sum(len(v) for v in result.no_vector.values()))
@@ -221,7 +232,7 @@ def _entities(rows: list[tuple[Any, ...]], old: _OldCollections, embedder: Embed
     for row in rows:
         vector, source = vectors[row[0]]
         if vector is None:
-            result.no_vector.setdefault(source, []).append(row[0])
+            result.no_vector.setdefault(source, []).append(str(row[0]))
             continue
         result.sources[source] += 1
         entities.append(_entity(row, vector))
@@ -232,6 +243,7 @@ def _entity(row: tuple[Any, ...], vector: list[float]) -> dict[str, Any]:
     names = ("id", "user_id", "org_id", "importance", "decay_tier", "memory_type", "neuro_type", "ui_source",
              "created_at", "expires_at", "is_deleted", "source_table", "text")
     entity = dict(zip(names, row[:13], strict=True))
+    entity["id"] = str(entity["id"])
     entity["text"] = _fit(entity["text"])
     entity["embedding"] = vector
     return entity
@@ -418,7 +430,7 @@ def _filtered_search(client: MilvusClient, spec: CollectionSpec, rows: list[tupl
     hits = client.search(spec.name, [probe], limit=20, filter=tenant_filter(user, org),
                          output_fields=["user_id", "org_id"])[0]
     foreign = [h["id"] for h in hits if (h["entity"]["user_id"], h["entity"].get("org_id")) != (user, org)]
-    found_self = any(h["id"] == rows[0][0] for h in hits)
+    found_self = bool(hits) and float(hits[0]["distance"]) >= 0.9999  # the probe, or a vector equal to it
     ok = not foreign and found_self
     return Check("vectors.tenant_search", PASS if ok else FAIL,
                  f"a search filtered on one tenant returned {len(hits)} hits, all its own" if ok else

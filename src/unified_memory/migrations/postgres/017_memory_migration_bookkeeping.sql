@@ -82,7 +82,7 @@ BEGIN
             'SELECT CASE WHEN pg_input_is_valid(p_text, ''jsonb'') THEN p_text::jsonb END'$f$;
     ELSE
         EXECUTE $f$CREATE OR REPLACE FUNCTION memory_migration_try_jsonb(p_text TEXT) RETURNS JSONB
-            LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS
+            LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL UNSAFE AS
             'BEGIN RETURN p_text::jsonb; EXCEPTION WHEN invalid_text_representation THEN RETURN NULL; END'$f$;
     END IF;
 END
@@ -90,8 +90,9 @@ $$;
 COMMENT ON FUNCTION memory_migration_try_jsonb(TEXT) IS 'unified-memory 017: text to jsonb, NULL when invalid';
 
 -- A time written in a legacy JSON item: with an offset it is absolute; without one it is read in p_zone.
+-- PARALLEL UNSAFE: its EXCEPTION block is a subtransaction, which no process of a parallel query may start.
 CREATE OR REPLACE FUNCTION memory_migration_parse_time(p_text TEXT, p_zone TEXT) RETURNS TIMESTAMPTZ
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE STRICT PARALLEL UNSAFE AS $$
 BEGIN
     IF p_text ~ '(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$' THEN
         RETURN p_text::timestamptz;
