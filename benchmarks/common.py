@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -47,16 +47,20 @@ class ChildRun:
     stdout: str
 
 
-def run_tool(args: Sequence[str]) -> ChildRun:
-    """Run ``unified-memory ARGS`` as a child; wall time and the child's peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "unified_memory.cli", *args], capture_output=True, text=True)
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        raise SystemExit(f"tool failed ({done.returncode}): {done.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return ChildRun(seconds, max(peak, before) / 1024, done.stdout)
+def run_tool(args: Sequence[str], env: dict[str, str] | None = None) -> ChildRun:
+    """Run ``unified-memory ARGS`` as a child; wall time and that child's own peak RSS (``os.wait4``)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "unified_memory.cli", *args], stdout=out, stderr=err,
+                                env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"tool failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+        return ChildRun(seconds, usage.ru_maxrss / 1024, out.read().decode())
 
 
 def dbname(dsn: str) -> str:

@@ -96,6 +96,21 @@ def has_extension_available(conn: psycopg.Connection, name: str) -> bool:
 
 
 @contextmanager
+def custom_plans(conn: psycopg.Connection) -> Iterator[None]:
+    """Never prepare statements on ``conn`` while inside: keyset batches need a plan per key range.
+
+    psycopg prepares a statement after five executions; the generic plan of ``($1 IS NULL OR id > $1)``
+    cannot use the key's index, so every batch from the sixth on would scan the whole table.
+    """
+    saved = conn.prepare_threshold
+    conn.prepare_threshold = None
+    try:
+        yield
+    finally:
+        conn.prepare_threshold = saved
+
+
+@contextmanager
 def maintenance(conn: psycopg.Connection) -> Iterator[None]:
     """Run the tool's own work with row-level security bypassed on purpose, never filtered by accident.
 

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from . import batchsql
 from .accounting import TableAccount, account
-from .db import maintenance
+from .db import custom_plans, maintenance
 from .errors import ConfigError, LockBusy, MigrationError, SchemaError, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .shapes import Detected, detect
@@ -118,7 +118,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
     opts = options or MigrationOptions()
     _check_options(conn, opts)
     started = time.monotonic()
-    with _lock(conn), maintenance(conn):
+    with _lock(conn), maintenance(conn), custom_plans(conn):
         detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
         run = MigrationRun("running", opts.dry_run, shapes={t: d.shape if d else None for t, d in detected.items()},
                            options=opts.to_dict())
@@ -177,6 +177,7 @@ def _migrate_tables(conn: psycopg.Connection, run: MigrationRun, present: dict[s
 def _migrate_table(conn: psycopg.Connection, m: TableMapping, tr: TableRun, run_id: int | None,
                    opts: MigrationOptions, progress: Progress | None) -> None:
     started = time.monotonic()
+    _refresh_statistics(conn)
     after = _resume_point(conn, m)
     params: dict[str, object] = {"tz": opts.source_timezone, "expiry": opts.expiry, "run_id": run_id,
                                  "limit": opts.batch_size, "max_bytes": opts.max_batch_bytes}
@@ -193,6 +194,8 @@ def _migrate_table(conn: psycopg.Connection, m: TableMapping, tr: TableRun, run_
                 tr.batches += 1
             _checkpoint(conn, m, upper, run_id, done=False, dry_run=opts.dry_run)
         after = upper
+        if tr.batches & (tr.batches - 1) == 0:  # batches 1, 2, 4, 8, ...: keep the planner's estimates current
+            _refresh_statistics(conn)
         tr.seconds = time.monotonic() - started
         if progress is not None:
             progress(m.table, tr.rows, tr.pending_before)
@@ -201,6 +204,11 @@ def _migrate_table(conn: psycopg.Connection, m: TableMapping, tr: TableRun, run_
             time.sleep(opts.pause_ms / 1000)
     _checkpoint(conn, m, after, run_id, done=True, dry_run=opts.dry_run)
     tr.seconds = time.monotonic() - started
+
+
+def _refresh_statistics(conn: psycopg.Connection) -> None:
+    """ANALYZE the outcome tables: the anti-joins that find pending rows go quadratic on stale estimates."""
+    conn.execute("ANALYZE memories, memory_migration_quarantine")
 
 
 def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object],

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from .db import maintenance
+from .db import custom_plans, maintenance
 from .embedders import Embedder
 from .errors import VectorStoreError
 from .milvus import DataType, MilvusClient, MilvusException
@@ -198,7 +198,8 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
     started = time.monotonic()
     result = SyncResult(spec.name)
     old = _OldCollections(client, spec.dimension)
-    with maintenance(conn), _milvus("syncing vectors"), ThreadPoolExecutor(max_workers=1) as ahead:
+    with maintenance(conn), custom_plans(conn), _milvus("syncing vectors"), \
+            ThreadPoolExecutor(max_workers=1) as ahead:
         if not client.has_collection(spec.name):
             raise VectorStoreError(f"collection {spec.name} does not exist: run `unified-memory vectors up` first")
         client.load_collection(spec.name)

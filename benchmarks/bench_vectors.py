@@ -1,0 +1,98 @@
+"""Vector sync speed: ``unified-memory vectors sync`` beside a plain pymilvus insert of the same vectors.
+
+    python benchmarks/bench_vectors.py --rows 30000 [--dsn postgresql://...]
+
+Data: ``--rows`` memory_items (shape I1) rows, every one with a 768-dimension embedding, migrated; so every
+vector the sync writes is a kept legacy vector, and the baseline can insert exactly the same vectors. Tool: a
+child process running ``vectors up`` then ``vectors sync`` (read from PostgreSQL, upsert, point embedding_id)
+into its own Milvus Lite file; peak RSS measured. Baseline: the same entities, read beforehand (not timed), given
+to ``MilvusClient.insert`` in batches of 1,000 into an identical fresh collection in another Milvus Lite file.
+A second tool figure, for memories without a kept vector, uses the built-in hashing embedder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+from common import run_tool, scratch_database, server_dsn
+from psycopg import sql
+
+from unified_memory import fixtures, schema
+from unified_memory.migrate import MigrationOptions, migrate
+from unified_memory.milvus import MilvusClient
+from unified_memory.vectors import TEXT_CHARS, CollectionSpec, up
+
+ENTITIES = """
+SELECT m.id::text, m.user_id, m.org_id, m.importance, m.decay_tier, m.memory_type, m.neuro_type, m.ui_source,
+       extract(epoch FROM m.created_at)::bigint, extract(epoch FROM m.expires_at)::bigint, m.deleted_at IS NOT NULL,
+       m.source_table, left(m.text, %s), e.embedding
+FROM memories m JOIN memory_legacy_embeddings e ON e.memory_id = m.id ORDER BY m.id"""
+NAMES = ("id", "user_id", "org_id", "importance", "decay_tier", "memory_type", "neuro_type", "ui_source",
+         "created_at", "expires_at", "is_deleted", "source_table", "text", "embedding")
+
+
+def baseline(conn: psycopg.Connection, path: Path) -> tuple[float, int]:
+    rows = [dict(zip(NAMES, r, strict=True)) for r in conn.execute(ENTITIES, [TEXT_CHARS], binary=True)]
+    for row in rows:
+        row["embedding"] = [float(x) for x in row["embedding"]]
+    client = MilvusClient(str(path))
+    up(client, CollectionSpec())
+    started = time.monotonic()
+    for i in range(0, len(rows), 1000):
+        client.insert(CollectionSpec().name, rows[i:i + 1000])
+    seconds = time.monotonic() - started
+    client.close()
+    return seconds, len(rows)
+
+
+def tool_sync(db: str, path: Path, embedder: str) -> tuple[float, float]:
+    env = {"MILVUS_URI": str(path)}
+    run_tool(["--dsn", db, "-q", "--data-dir", str(path.parent / "home"), "vectors", "up"], env)
+    sync = run_tool(["--dsn", db, "-q", "--json", "--data-dir", str(path.parent / "home"), "vectors", "sync",
+                     "--embedder", embedder], env)
+    return sync.seconds, sync.peak_rss_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=30_000, help="memory_items rows (each with a vector)")
+    parser.add_argument("--dsn", help="server to measure on (a database is created and dropped)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="um-bench-vectors-"))
+    try:
+        with scratch_database(server_dsn(args.dsn)) as db:
+            with psycopg.connect(db, autocommit=True) as conn:
+                fixtures.create(conn, rows=args.rows, shapes={"memory_items": "I1"})
+                conn.execute(sql.SQL("UPDATE memory_items SET embedding = (SELECT array_agg(((hashtext(id::text || k)) "
+                                     "% 1000) / 1000.0) FROM generate_series(1, 768) k)::{}").format(
+                    sql.SQL(fixtures.vector_type(conn))))
+                schema.up(conn)
+                migrate(conn, MigrationOptions(tables=("memory_items",)))
+                base_seconds, entities = baseline(conn, work / "baseline.db")
+            tool_seconds, rss = tool_sync(db, work / "tool.db", "none")
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute("UPDATE memories SET embedding_id = NULL")
+                conn.execute("DELETE FROM memory_legacy_embeddings")
+            embed_seconds, embed_rss = tool_sync(db, work / "embedded.db", "hashing")
+        print(json.dumps({
+            "entities": entities,
+            "baseline_plain_insert": {"seconds": round(base_seconds, 2), "rows_per_s": round(entities / base_seconds)},
+            "tool_sync_kept_vectors": {"seconds": round(tool_seconds, 2), "rows_per_s": round(entities / tool_seconds),
+                                       "peak_rss_mb": round(rss, 1)},
+            "ratio_tool_to_baseline": round(base_seconds / tool_seconds, 2),
+            "tool_sync_hashing_embedder": {"seconds": round(embed_seconds, 2),
+                                           "rows_per_s": round(entities / embed_seconds),
+                                           "peak_rss_mb": round(embed_rss, 1)},
+        }, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
