@@ -279,3 +279,19 @@ def test_missing_tables_are_skipped_and_reported(unified: psycopg.Connection) ->
     assert run.shapes == {"memory_items": None, "memory_entries": None, "web_ui_memory_entries": None,
                           "long_term_memory": "L1"}
     assert run.accounts["long_term_memory"].migrated == 1
+
+
+def test_legacy_time_text_is_read_with_its_offset_or_in_the_source_zone(unified: psycopg.Connection) -> None:
+    unified.execute("SET TimeZone = 'Asia/Tokyo'")  # the session's zone must not matter
+    cases = {
+        "2024-05-01": datetime(2024, 5, 1, 4, tzinfo=UTC),  # a date alone: midnight in the source zone
+        "2024-05-01T10:00:00Z": datetime(2024, 5, 1, 10, tzinfo=UTC),
+        "2024-05-01 10:00:00+02": datetime(2024, 5, 1, 8, tzinfo=UTC),
+        "2024-05-01T10:00": datetime(2024, 5, 1, 14, tzinfo=UTC),
+        "2024-05-01T10:00:00.5-0330": datetime(2024, 5, 1, 13, 30, 0, 500000, tzinfo=UTC),
+        "2024-02-30T10:00": None,
+        "nonsense": None,
+    }
+    for text, expected in cases.items():
+        got = unified.execute("SELECT memory_migration_parse_time(%s, 'America/New_York')", [text]).fetchone()
+        assert got == (expected,), text

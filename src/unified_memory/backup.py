@@ -12,9 +12,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from . import __version__
-from .backupfile import BackupWriter, read_records
+from .backupfile import BackupWriter, Record, read_records
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
 
@@ -30,6 +32,7 @@ log = logging.getLogger("unified_memory.backup")
 
 BACKUP_PREFIX = "memory_migration_backup_"
 BACKUP_SUFFIX = ".umbk"
+RECORD_BYTES = 1 << 20
 
 # Text output that does not depend on the session: the checksums of backup and rollback must agree.
 DETERMINISTIC_SESSION = (
@@ -132,18 +135,30 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
            tables: tuple[str, ...] = LEGACY_TABLES) -> BackupManifest:
     """Write every present legacy table of ``conn``'s database to ``path`` and return the manifest.
 
+    The SQL row checksums are computed on a second connection that shares the snapshot (as ``pg_dump -j``
+    does), while this one streams the data; where a second connection cannot be opened, they run here after.
+
     Raises:
         ConfigError: the connection is not in autocommit mode.
     """
     started = time.monotonic()
     writer = BackupWriter(path, secret=secret)
     try:
-        with snapshot(conn):
+        with snapshot(conn), ThreadPoolExecutor(max_workers=1) as helper:
             manifest = _header(conn, path, encrypted=secret is not None)
+            present = [t for t in tables if table_columns(conn, t)]
+            exported = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            checksums = helper.submit(_checksums_in_snapshot, conn, exported, present)
             writer.json(b"H", _manifest_dict(manifest))
-            for table in tables:
-                if table_columns(conn, table):
-                    manifest.tables[table] = _write_table(conn, writer, table)
+            for table in present:
+                manifest.tables[table] = _write_table(conn, writer, table)
+            sums = checksums.result() or {t: row_checksum(conn, t) for t in present}
+            for table, (rows, checksum) in sums.items():
+                entry = manifest.tables[table]
+                if rows != entry.rows:
+                    raise BackupIntegrityError(f"{table}: COPY gave {entry.rows} rows but the table holds {rows}")
+                entry.row_checksum = checksum
+                writer.json(b"E", {k: v for k, v in entry.to_dict().items() if k != "definition"})
         manifest.seconds = time.monotonic() - started
         writer.json(b"M", _manifest_dict(manifest))
         writer.commit()
@@ -154,6 +169,23 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     log.info("backup file=%s tables=%d bytes=%d seconds=%.2f", path.name, len(manifest.tables),
              manifest.file_bytes, manifest.seconds)
     return manifest
+
+
+def _checksums_in_snapshot(conn: psycopg.Connection, exported: str,
+                           tables: list[str]) -> dict[str, tuple[int, str]] | None:
+    """Row checksums of ``tables`` on a second connection in the exported snapshot; None if it cannot connect."""
+    try:
+        helper = psycopg.connect(conn.info.dsn, password=conn.info.password or None, autocommit=True,
+                                 application_name="unified-memory backup checksums")
+    except psycopg.OperationalError:
+        return None
+    with helper:
+        helper.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        helper.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
+        helper.execute("SELECT set_config('row_security', 'off', true)")
+        for statement in DETERMINISTIC_SESSION:
+            helper.execute(statement)
+        return {t: row_checksum(helper, t) for t in tables}
 
 
 def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupManifest:
@@ -197,22 +229,28 @@ def copy_out_sql(table: str, columns: list[str], schema: str | None = None) -> s
 
 
 def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str) -> TableBackup:
+    """Stream one table's COPY text into ``D`` records of about a megabyte; the ``E`` record comes later."""
     entry = TableBackup(table, definition(conn, table))
     writer.json(b"T", {"table": table, "definition": entry.definition})
     columns = [c["name"] for c in entry.definition["columns"]]
     digest = hashlib.sha256()
+    buffer = bytearray()
+
+    def flush() -> None:
+        digest.update(buffer)
+        entry.rows += buffer.count(b"\n")
+        entry.bytes += len(buffer)
+        writer.record(b"D", bytes(buffer))
+        buffer.clear()
+
     with conn.cursor() as cur, cur.copy(copy_out_sql(table, columns)) as copy:
         for block in copy:
-            data = bytes(block)
-            digest.update(data)
-            entry.rows += data.count(b"\n")
-            entry.bytes += len(data)
-            writer.record(b"D", data)
+            buffer += block
+            if len(buffer) >= RECORD_BYTES:
+                flush()
+    if buffer:
+        flush()
     entry.sha256 = digest.hexdigest()
-    rows, entry.row_checksum = row_checksum(conn, table)
-    if rows != entry.rows:
-        raise BackupIntegrityError(f"{table}: COPY gave {entry.rows} rows but the table holds {rows}")
-    writer.json(b"E", {k: v for k, v in entry.to_dict().items() if k != "definition"})
     return entry
 
 
@@ -232,26 +270,29 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
         BackupKeyError: encrypted, and the key is missing or wrong.
     """
     started = time.monotonic()
+    opened: dict[str, tuple[TableBackup, Any]] = {}  # table -> (what its data shows, running SHA-256)
     seen: dict[str, TableBackup] = {}
-    current: TableBackup | None = None
-    digest = hashlib.sha256()
+    current: str | None = None
     final: dict[str, Any] | None = None
     for record in read_records(path, secret=secret):
         if final is not None:
             raise BackupIntegrityError("the backup has records after its manifest")
         if record.kind == b"T":
             info = record.json()
-            current, digest = TableBackup(info["table"], info["definition"]), hashlib.sha256()
+            current = info["table"]
+            opened[info["table"]] = (TableBackup(info["table"], info["definition"]), hashlib.sha256())
         elif record.kind == b"D":
             if current is None:
                 raise BackupIntegrityError("the backup holds data outside a table")
+            entry, digest = opened[current]
             digest.update(record.payload)
-            current.rows += record.payload.count(b"\n")
-            current.bytes += len(record.payload)
+            entry.rows += record.payload.count(b"\n")
+            entry.bytes += len(record.payload)
         elif record.kind == b"E":
-            current = _close_table(current, record.json(), digest)
-            seen[current.table] = current
-            current = None
+            end = record.json()
+            if end.get("table") not in opened:
+                raise BackupIntegrityError("the backup's table records are out of order")
+            seen[end["table"]] = _close_table(*opened[end["table"]], end)
         elif record.kind == b"M":
             final = record.json()
     if final is None:
@@ -267,9 +308,7 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
     return manifest
 
 
-def _close_table(current: TableBackup | None, end: dict[str, Any], digest: Any) -> TableBackup:
-    if current is None or end.get("table") != current.table:
-        raise BackupIntegrityError("the backup's table records are out of order")
+def _close_table(current: TableBackup, digest: Any, end: dict[str, Any]) -> TableBackup:
     if end.get("rows") != current.rows or end.get("sha256") != digest.hexdigest():
         raise BackupIntegrityError(f"{current.table}: data does not match its SHA-256 (the file was altered)")
     current.sha256, current.row_checksum = end["sha256"], end["row_checksum"]
@@ -284,13 +323,19 @@ def manifest_from(path: Path, data: dict[str, Any]) -> BackupManifest:
     return manifest
 
 
-def table_data(path: Path, table: str, *, secret: bytes | None) -> Iterator[bytes]:
-    """The COPY text data of one table, streamed from a (verified) backup."""
-    inside = False
-    for record in read_records(path, secret=secret):
+def tables_data(path: Path, *, secret: bytes | None) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """Each table's COPY text data in file order, in one pass over a (verified) backup.
+
+    Yields (table, blocks); consume the blocks before asking for the next table.
+    """
+    tagged = ((table, r.payload) for table, r in _by_table(read_records(path, secret=secret)) if r.kind == b"D")
+    for table, group in groupby(tagged, key=lambda item: item[0]):
+        yield table, (payload for _, payload in group)
+
+
+def _by_table(records: Iterator[Record]) -> Iterator[tuple[str | None, Record]]:
+    current: str | None = None
+    for record in records:
         if record.kind == b"T":
-            inside = record.json()["table"] == table
-        elif record.kind == b"D" and inside:
-            yield record.payload
-        elif record.kind == b"E" and inside:
-            return
+            current = record.json()["table"]
+        yield current, record

@@ -13,24 +13,34 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
 import typer
 
-from . import backup, fixtures, logs, report, schema, vectors
+from . import backup, fixtures, logs, report, schema
 from .backupfile import load_key
 from .db import DEMO_DATABASE, Target, connect, fresh_database, target_for
-from .demo import run_demo
-from .embedders import Embedder, embedder_for
 from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
 from .health import health
 from .migrate import MigrationOptions, migrate
-from .milvus import MilvusClient
 from .progress import reporter
 from .rollback import rollback
-from .settings import backup_dir, home_dir, milvus_uri, private_dir, resolve_dsn, write_private
+from .settings import (
+    DEFAULT_COLLECTION,
+    DEFAULT_DIMENSION,
+    backup_dir,
+    home_dir,
+    milvus_uri,
+    private_dir,
+    resolve_dsn,
+    write_private,
+)
 from .validate import validate
+
+if TYPE_CHECKING:  # pymilvus and pandas load in about a second: only the vector commands import them
+    from .embedders import Embedder
+    from .milvus import MilvusClient
 
 app = typer.Typer(help="Move legacy assistant memories into the unified, tenant-isolated store.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -335,6 +345,8 @@ EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a 
 
 @contextmanager
 def _milvus(opts: Options) -> Iterator[MilvusClient]:
+    from . import vectors
+
     uri = milvus_uri(home=opts.data_dir)
     client = vectors.open_client(uri)
     try:
@@ -344,25 +356,31 @@ def _milvus(opts: Options) -> Iterator[MilvusClient]:
 
 
 def _embedder(name: str, dim: int) -> Embedder | None:
+    from .embedders import embedder_for
+
     return None if name == "none" else embedder_for(name, dim)
 
 
 @vectors_app.command("up")
-def vectors_up(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
-               dim: DimOpt = vectors.DEFAULT_DIMENSION, json_flag: JsonOpt = False) -> None:
+def vectors_up(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTION,
+               dim: DimOpt = DEFAULT_DIMENSION, json_flag: JsonOpt = False) -> None:
     """Create the unified collection and its indexes (idempotent; an incompatible one is reported, not changed)."""
+    from . import vectors
+
     opts = options(ctx, json_flag)
     with failures(opts), _milvus(opts) as client:
         emit(opts, vectors.up(client, vectors.CollectionSpec(collection, dim)), report.vector_up)
 
 
 @vectors_app.command("sync")
-def vectors_sync(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
-                 dim: DimOpt = vectors.DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
+def vectors_sync(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTION,
+                 dim: DimOpt = DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
                  batch_size: Annotated[int, typer.Option(help="Memories per batch.")] = 1000,
                  full: Annotated[bool, typer.Option(help="Re-upsert every memory, not only unsynced ones.")] = False,
                  json_flag: JsonOpt = False) -> None:
     """Fill the collection from memories: kept legacy vectors, old collections, else the embedder."""
+    from . import vectors
+
     opts = options(ctx, json_flag)
     logs.setup(opts.data_dir)
     with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn, \
@@ -373,11 +391,13 @@ def vectors_sync(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT
 
 
 @vectors_app.command("verify")
-def vectors_verify(ctx: typer.Context, collection: CollectionOpt = vectors.DEFAULT_COLLECTION,
-                   dim: DimOpt = vectors.DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
+def vectors_verify(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTION,
+                   dim: DimOpt = DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
                    sample: Annotated[int, typer.Option(help="Entities to compare field by field.")] = 200,
                    json_flag: JsonOpt = False) -> None:
     """Per-tenant counts, sampled fields and vectors, and a tenant-filtered search; non-zero exit on a difference."""
+    from . import vectors
+
     opts = options(ctx, json_flag)
     with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn:
         result = vectors.verify(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
@@ -393,12 +413,16 @@ def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help=
                    org: Annotated[str | None, typer.Option("--org", help="The tenant's organisation, if any.",
                                                            show_default=False)] = None,
                    k: Annotated[int, typer.Option("-k", help="How many hits.")] = 5,
-                   collection: CollectionOpt = vectors.DEFAULT_COLLECTION, dim: DimOpt = vectors.DEFAULT_DIMENSION,
+                   collection: CollectionOpt = DEFAULT_COLLECTION, dim: DimOpt = DEFAULT_DIMENSION,
                    embedder: EmbedderOpt = "hashing", json_flag: JsonOpt = False) -> None:
     """Semantic search within one tenant (user, org); the search is written to memory_access_log."""
+    from . import vectors
+
     opts = options(ctx, json_flag)
     with failures(opts):
-        chosen = embedder_for(embedder, dim)
+        chosen = _embedder(embedder, dim)
+        if chosen is None:
+            raise ConfigError("search needs an embedder (hashing or minilm)")
         with _milvus(opts) as client, connect(opts.target()) as conn:
             result = vectors.search(conn, client, vectors.CollectionSpec(collection, dim), chosen, user_id=user,
                                     org_id=org, text=text, k=k)
@@ -411,6 +435,9 @@ def demo_cmd(ctx: typer.Context,
              rows: Annotated[int, typer.Option(help="Synthetic rows per legacy table.")] = 20000,
              json_flag: JsonOpt = False) -> None:
     """The main job end to end on a fresh demo database (embedded PostgreSQL and Milvus Lite by default)."""
+    from . import vectors
+    from .demo import run_demo
+
     opts = options(ctx, json_flag)
     logs.setup(opts.data_dir)
     workdir = opts.data_dir / "demo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from html import escape
+from typing import TYPE_CHECKING
 
 from .backup import BackupManifest
 from .health import Health
@@ -10,7 +11,9 @@ from .migrate import MigrationRun
 from .rollback import RollbackResult
 from .schema import SchemaResult, SchemaStatus
 from .validate import ValidationReport
-from .vectors import SearchResult, SyncResult, UpResult
+
+if TYPE_CHECKING:  # the vector stack (pymilvus) is imported only by the commands that use it
+    from .vectors import SearchResult, SyncResult, UpResult
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:

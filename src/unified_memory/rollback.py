@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .backup import DETERMINISTIC_SESSION, TableBackup, row_checksum, table_data, verify
+from .backup import DETERMINISTIC_SESSION, TableBackup, row_checksum, tables_data, verify
 from .db import maintenance
 from .errors import RollbackError, translate
 
@@ -128,14 +128,18 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
     if conn.execute("SELECT to_regnamespace(%s)", [STAGE]).fetchone() != (None,):
         raise RollbackError(f"schema {STAGE} exists: another rollback left it; inspect and drop it first")
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(STAGE)))
+    by_name = {entry.table: entry for entry in tables}
     for entry in tables:
         _ensure_types(conn, entry)
         conn.execute(_create_table(entry))
+    for table, blocks in tables_data(path, secret=secret):
+        entry = by_name[table]
         columns = sql.SQL(", ").join(sql.Identifier(c["name"]) for c in entry.definition["columns"])
         copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(STAGE, entry.table), columns)
         with conn.cursor() as cur, cur.copy(copy_in) as copy:
-            for block in table_data(path, entry.table, secret=secret):
+            for block in blocks:
                 copy.write(block)
+    for entry in tables:
         if row_checksum(conn, entry.table, STAGE) != (entry.rows, entry.row_checksum):
             raise RollbackError(f"{entry.table}: the restored rows do not match the backup's checksum")
 

@@ -15,6 +15,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigError
 
+DEFAULT_COLLECTION = "kari_memories_unified"
+DEFAULT_DIMENSION = 768
+
 _PG_ENV = {
     "POSTGRES_HOST": "host",
     "POSTGRES_PORT": "port",

@@ -28,12 +28,11 @@ from .db import custom_plans, maintenance
 from .embedders import Embedder
 from .errors import VectorStoreError
 from .milvus import DataType, MilvusClient, MilvusException
+from .settings import DEFAULT_COLLECTION, DEFAULT_DIMENSION
 from .validate import FAIL, PASS, Check
 
 log = logging.getLogger("unified_memory.vectors")
 
-DEFAULT_COLLECTION = "kari_memories_unified"
-DEFAULT_DIMENSION = 768
 OLD_COLLECTIONS = ("kari_memories", "memory_embeddings", "ag_ui_memories", "chat_memories", "copilot_memories")
 TEXT_CHARS = 16000  # at most 64,000 bytes of UTF-8: under Milvus' 65,535-byte VARCHAR limit
 PARTITIONS = 64

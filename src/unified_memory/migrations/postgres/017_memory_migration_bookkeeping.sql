@@ -89,17 +89,30 @@ END
 $$;
 COMMENT ON FUNCTION memory_migration_try_jsonb(TEXT) IS 'unified-memory 017: text to jsonb, NULL when invalid';
 
--- A time written in a legacy JSON item: with an offset it is absolute; without one it is read in p_zone.
--- PARALLEL UNSAFE: its EXCEPTION block is a subtransaction, which no process of a parallel query may start.
-CREATE OR REPLACE FUNCTION memory_migration_parse_time(p_text TEXT, p_zone TEXT) RETURNS TIMESTAMPTZ
-LANGUAGE plpgsql STABLE STRICT PARALLEL UNSAFE AS $$
+-- A time written in a legacy JSON item: with an offset after its time of day it is absolute; without one it
+-- is read in p_zone. NULL when unreadable. On 16+ pg_input_is_valid checks without an exception; on 12-15 the
+-- EXCEPTION block is a subtransaction, which no process of a parallel query may start: PARALLEL UNSAFE.
+DO $$
 BEGIN
-    IF p_text ~ '(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$' THEN
-        RETURN p_text::timestamptz;
+    IF current_setting('server_version_num')::int >= 160000 THEN
+        EXECUTE $f$CREATE OR REPLACE FUNCTION memory_migration_parse_time(p_text TEXT, p_zone TEXT)
+            RETURNS TIMESTAMPTZ LANGUAGE sql STABLE STRICT PARALLEL SAFE AS
+            'SELECT CASE WHEN p_text ~ ''[0-9]:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?\s*(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$''
+                         THEN CASE WHEN pg_input_is_valid(p_text, ''timestamptz'') THEN p_text::timestamptz END
+                         ELSE CASE WHEN pg_input_is_valid(p_text, ''timestamp'')
+                                   THEN p_text::timestamp AT TIME ZONE p_zone END END'$f$;
+    ELSE
+        EXECUTE $f$CREATE OR REPLACE FUNCTION memory_migration_parse_time(p_text TEXT, p_zone TEXT)
+            RETURNS TIMESTAMPTZ LANGUAGE plpgsql STABLE STRICT PARALLEL UNSAFE AS
+            'BEGIN
+                IF p_text ~ ''[0-9]:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?\s*(Z|z|[+-][0-9]{2}(:?[0-9]{2})?)$'' THEN
+                    RETURN p_text::timestamptz;
+                END IF;
+                RETURN p_text::timestamp AT TIME ZONE p_zone;
+            EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_text_representation THEN
+                RETURN NULL;
+            END'$f$;
     END IF;
-    RETURN p_text::timestamp AT TIME ZONE p_zone;
-EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR invalid_text_representation THEN
-    RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION memory_migration_parse_time(TEXT, TEXT) IS 'unified-memory 017: legacy time text, NULL when unreadable';
