@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,7 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import psycopg
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 
 from .db import custom_plans, maintenance
 from .embedders import Embedder
@@ -62,6 +67,27 @@ _POINT = ("UPDATE memories SET embedding_id = id::text WHERE id = ANY(%s::uuid[]
 _SAMPLE = _BATCH.replace("(%(full)s OR m.embedding_id IS NULL)", "m.embedding_id IS NOT NULL").replace(
     "ORDER BY m.id", "ORDER BY md5(m.id::text || %(seed)s)")
 _PER_TENANT = "SELECT user_id, count(*) FROM memories WHERE embedding_id IS NOT NULL GROUP BY user_id"
+
+
+class _Float4ArrayLoader(Loader):
+    """Binary ``real[]`` to a list of floats through numpy: the generic array loader goes element by element."""
+
+    format = Format.BINARY
+    _ITEM = np.dtype([("length", ">i4"), ("value", ">f4")])
+
+    def load(self, data: Buffer) -> list[float | None]:
+        raw = bytes(data)
+        ndim, has_null = struct.unpack_from(">ii", raw)
+        if ndim == 0:
+            return []
+        if ndim != 1 or has_null:
+            raise VectorStoreError("a kept embedding is not a one-dimensional array without NULLs")
+        (count,) = struct.unpack_from(">i", raw, 12)
+        values: list[float | None] = np.frombuffer(raw, dtype=self._ITEM, count=count, offset=20)["value"].tolist()
+        return values
+
+
+FLOAT4_ARRAY_OID = 1021
 
 
 @dataclass(frozen=True)
@@ -191,8 +217,8 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
          batch_size: int = 1000, full: bool = False, progress: Progress | None = None) -> SyncResult:
     """Upsert every memory (not yet synced, or all with ``full``) into the collection, in keyset batches.
 
-    Batch n+1 is read and embedded in a worker thread while batch n is upserted (one batch ahead at most,
-    so memory stays flat); ``embedding_id`` is set only after its batch's upsert returned.
+    While batch n is upserted, a worker thread points ``embedding_id`` of batch n-1 (whose upsert has returned)
+    and reads and embeds batch n+1: one batch ahead at most, so memory stays flat.
     """
     started = time.monotonic()
     result = SyncResult(spec.name)
@@ -205,20 +231,30 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
         total = _scalar(conn, _PENDING, {"full": full})
 
         def prepare(after: str | None) -> tuple[str | None, list[dict[str, Any]]]:
-            rows = conn.execute(_BATCH, {"after": after, "full": full, "limit": batch_size, "chars": TEXT_CHARS},
-                                binary=True).fetchall()
+            with conn.cursor(binary=True) as cur:
+                cur.adapters.register_loader(FLOAT4_ARRAY_OID, _Float4ArrayLoader)
+                rows = cur.execute(_BATCH, {"after": after, "full": full, "limit": batch_size,
+                                            "chars": TEXT_CHARS}).fetchall()
             return (str(rows[-1][0]) if rows else None), _entities(rows, old, embedder, spec.dimension, result)
 
+        def point_then_prepare(upserted: list[str], after: str) -> tuple[str | None, list[dict[str, Any]]]:
+            if upserted:  # the batch before the one being upserted now: its upsert has returned
+                conn.execute(_POINT, [upserted])
+            return prepare(after)
+
         last, entities = prepare(None)
+        upserted: list[str] = []
         while last is not None:
-            following = ahead.submit(prepare, last)
+            following = ahead.submit(point_then_prepare, upserted, last)
             if entities:
                 client.upsert(spec.name, entities)
-                conn.execute(_POINT, [[e["id"] for e in entities]])
+            upserted = [e["id"] for e in entities]
             result.batches, result.synced = result.batches + 1, result.synced + len(entities)
             if progress is not None:
                 progress("vectors", result.synced, total)
             last, entities = following.result()
+        if upserted:
+            conn.execute(_POINT, [upserted])
     result.seconds = time.monotonic() - started
     log.info("vectors sync collection=%s synced=%d batches=%d no_vector=%d", spec.name, result.synced,
              result.batches, sum(len(v) for v in result.no_vector.values()))
@@ -261,7 +297,7 @@ def resolve_vectors(rows: list[tuple[Any, ...]], old: _OldCollections, embedder:
     for row in rows:
         legacy = row[13]
         if legacy is not None and len(legacy) == dimension:
-            found[row[0]] = ([float(x) for x in legacy], "memory_items_embedding")
+            found[row[0]] = (legacy, "memory_items_embedding")  # real[] arrives as a list of floats
     by_vector_id = old.lookup({row[14] for row in rows if row[0] not in found and row[14]})
     for row in rows:
         if row[0] not in found and row[14] in by_vector_id:

@@ -345,8 +345,15 @@ BEGIN
             FOR EACH ROW EXECUTE FUNCTION memories_before_insert();
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'memories'::regclass AND tgname = 'memories_before_update') THEN
-        CREATE TRIGGER memories_before_update BEFORE UPDATE ON memories
-            FOR EACH ROW EXECUTE FUNCTION memories_before_update();
+        -- Only an UPDATE that sets one of these columns can change a memory; the bookkeeping columns
+        -- (access_count, last_accessed, embedding_id; updated_at and version themselves) do not fire it.
+        CREATE TRIGGER memories_before_update
+            BEFORE UPDATE OF id, user_id, org_id, text, importance, decay_tier, tags, meta, created_at, expires_at,
+                             deleted_at, session_id, conversation_id, ui_source, memory_type, ai_generated,
+                             user_confirmed, neuro_type, decay_lambda, reflection_count, source_memories,
+                             derived_memories, importance_decay, last_reflection, source_table, source_key,
+                             migrated_at
+            ON memories FOR EACH ROW EXECUTE FUNCTION memories_before_update();
     END IF;
 END
 $$;
