@@ -116,7 +116,7 @@ def test_gone_legacy_tables_reconcile_against_the_backup_manifest(migrated: psyc
 
 
 def test_validate_cli_writes_reports_and_exits_non_zero_on_failure(migrated: psycopg.Connection, dsn: str,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, home: Path) -> None:
     runner = CliRunner()
     html, md = tmp_path / "report.html", tmp_path / "report.md"
     ok = runner.invoke(app, ["--dsn", dsn, "validate", "--report", str(html)])

