@@ -9,9 +9,10 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from unified_memory import fixtures
+from unified_memory import fixtures, schema
 from unified_memory.backup import backup
 from unified_memory.cli import app
+from unified_memory.errors import SchemaError
 from unified_memory.health import health
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.validate import validate
@@ -139,3 +140,15 @@ def test_health_reports_the_guides_queries_and_the_last_run(migrated: psycopg.Co
     assert result.quarantined == migrated.execute("SELECT count(*) FROM memory_migration_quarantine").fetchone()[0]
     migrated.execute(f"UPDATE memories SET expires_at = migrated_at WHERE id = {ONE_ENTRY}")  # noqa: S608
     assert not health(migrated).healthy
+
+
+def test_without_the_schema_validation_fails_clearly_and_health_says_why(conn: psycopg.Connection,
+                                                                         tmp_path: Path) -> None:
+    fixtures.create(conn, rows=10)
+    report = validate(conn)
+    assert report.status == "fail" and [c.name for c in report.failed()] == ["schema.tables", "schema.bookkeeping"]
+    with pytest.raises(SchemaError, match="schema up"):
+        health(conn)
+    for mf in schema.discover()[:1]:  # 016 alone: the unified tables, without the migration's bookkeeping
+        schema.up(conn, target=mf.version)
+    assert [c.name for c in validate(conn).failed()] == ["schema.bookkeeping"]

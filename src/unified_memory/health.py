@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from .db import maintenance
+from .errors import SchemaError
 
 RECORD_COUNTS = ("SELECT COUNT(*) AS total_memories, COUNT(DISTINCT user_id) AS unique_users, "
                  "COUNT(DISTINCT org_id) AS unique_orgs FROM memories")
@@ -50,9 +51,15 @@ class Health:
 
 
 def health(conn: psycopg.Connection) -> Health:
-    """Run the health queries (RLS bypassed on purpose: counts are never silently filtered)."""
+    """Run the health queries (RLS bypassed on purpose: counts are never silently filtered).
+
+    Raises:
+        SchemaError: the unified schema is not applied.
+    """
     started = time.monotonic()
     result = Health()
+    if conn.execute("SELECT to_regclass('memories')").fetchone() == (None,):
+        raise SchemaError("the unified schema is not applied: run `unified-memory schema up` first")
     with maintenance(conn):
         cur = conn.execute(RECORD_COUNTS)
         result.counts = _named(cur)

@@ -73,8 +73,10 @@ def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None
     report = ValidationReport()
     with maintenance(conn):
         report.checks += schema_checks(conn)
-        if conn.execute("SELECT to_regclass('memories'), to_regclass('memory_migration_runs')").fetchone() == (
-                None, None) or any(c.name == "schema.tables" and c.status == FAIL for c in report.checks):
+        if not _exists(conn, "memory_migration_runs"):
+            report.checks.append(Check("schema.bookkeeping", FAIL, "migration 017 (the data migration's bookkeeping) "
+                                       "is not applied: run `unified-memory schema up`"))
+        if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
             report.seconds = time.monotonic() - started
             return report
         report.checks += integrity_checks(conn)
