@@ -135,6 +135,19 @@ def test_verify_fails_when_a_vector_is_missing_or_carries_the_wrong_tenant(
     assert checks["vectors.sample"].status == "fail" and "user_id" in checks["vectors.sample"].message
 
 
+def test_verify_fails_when_the_sampled_tenants_vectors_are_gone(migrated: psycopg.Connection,
+                                                               milvus: MilvusClient) -> None:
+    up(milvus, SPEC)
+    sync(migrated, milvus, SPEC, EMBEDDER)
+    first = migrated.execute("SELECT user_id, org_id FROM memories WHERE embedding_id IS NOT NULL "
+                             "ORDER BY md5(id::text || 'um') LIMIT 1").fetchone()  # verify's first sampled memory
+    assert first is not None
+    milvus.delete(SPEC.name, filter=tenant_filter(first[0], first[1]))
+    checks = {c.name: c for c in verify(migrated, milvus, SPEC, EMBEDDER).checks}
+    search = checks["vectors.tenant_search"]
+    assert search.status == "fail" and "found nothing" in search.message, search
+
+
 def test_every_read_path_filters_on_the_tenant_and_search_is_audited(
         migrated: psycopg.Connection, milvus: MilvusClient) -> None:
     up(milvus, SPEC)
