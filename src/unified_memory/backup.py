@@ -25,6 +25,7 @@ from psycopg import sql
 
 from . import __version__
 from .backupfile import BackupWriter, Record, read_records
+from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
 
@@ -147,7 +148,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
         with snapshot(conn), ThreadPoolExecutor(max_workers=1) as helper:
             manifest = _header(conn, path, encrypted=secret is not None)
             present = [t for t in tables if table_columns(conn, t)]
-            exported = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            exported = str(scalar(conn, "SELECT pg_export_snapshot()"))
             checksums = helper.submit(_checksums_in_snapshot, conn, exported, present)
             writer.json(b"H", _manifest_dict(manifest))
             for table in present:
@@ -191,8 +192,7 @@ def _checksums_in_snapshot(conn: psycopg.Connection, exported: str,
 def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupManifest:
     row = conn.execute("SELECT current_setting('server_version'), current_database()").fetchone()
     assert row is not None
-    unified: dict[str, Any] = {"schema_applied": conn.execute(
-        "SELECT to_regclass('memory_migration_runs') IS NOT NULL").fetchone() == (True,)}
+    unified: dict[str, Any] = {"schema_applied": relation_exists(conn, "memory_migration_runs")}
     if unified["schema_applied"]:
         state = conn.execute(_UNIFIED_STATE).fetchone()
         assert state is not None
@@ -206,7 +206,7 @@ def definition(conn: psycopg.Connection, table: str) -> dict[str, Any]:
     """Columns (name, type, not null, default), constraints and indexes of ``table``."""
     name = sql.Identifier(table).as_string(conn)
     return {
-        "schema": str(conn.execute("SELECT current_schema()").fetchone()[0]),  # type: ignore[index]
+        "schema": str(scalar(conn, "SELECT current_schema()")),
         "columns": [{"name": n, "type": t, "not_null": nn, "default": d}
                     for n, t, nn, d in conn.execute(_COLUMNS, [name])],
         "constraints": [{"name": n, "type": t, "definition": d} for n, t, d in conn.execute(_CONSTRAINTS, [name])],

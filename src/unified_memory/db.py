@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params
 
 from .errors import DatabaseUnavailable, UnifiedMemoryError
 from .settings import private_dir, redact
@@ -93,6 +95,18 @@ def has_extension_available(conn: psycopg.Connection, name: str) -> bool:
     """Whether the server can ``CREATE EXTENSION name`` (pgvector on pgserver; not on the system PG 15)."""
     row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", [name]).fetchone()
     return row is not None
+
+
+def scalar(conn: psycopg.Connection, query: str | bytes | sql.SQL | sql.Composed,
+           params: Params | None = None) -> Any:
+    """The first column of the first row of ``query`` (None when it returns no row)."""
+    row = conn.execute(query, params).fetchone()
+    return row[0] if row else None
+
+
+def relation_exists(conn: psycopg.Connection, name: str) -> bool:
+    """Whether ``name`` (a table or view, quoted and qualified as needed) exists on the search path."""
+    return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", [name]) is True
 
 
 @contextmanager

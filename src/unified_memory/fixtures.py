@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .db import has_extension_available
+from .db import has_extension_available, relation_exists
 from .errors import ConfigError
 
 DEFAULT_SHAPES = {"memory_items": "I2", "memory_entries": "E1", "web_ui_memory_entries": "W1",
@@ -196,7 +196,7 @@ class FixtureResult:
 
 def _before_unified_schema(conn: psycopg.Connection) -> bool:
     """The I2 objects predate 016; once 016 owns their names, a fixture must not replace them."""
-    return conn.execute("SELECT to_regclass('memories') IS NULL").fetchone() == (True,)
+    return not relation_exists(conn, "memories")
 
 
 def vector_type(conn: psycopg.Connection) -> str:

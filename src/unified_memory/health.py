@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from .db import maintenance
+from .db import maintenance, relation_exists, scalar
 from .errors import SchemaError
 
 RECORD_COUNTS = ("SELECT COUNT(*) AS total_memories, COUNT(DISTINCT user_id) AS unique_users, "
@@ -58,19 +58,18 @@ def health(conn: psycopg.Connection) -> Health:
     """
     started = time.monotonic()
     result = Health()
-    if conn.execute("SELECT to_regclass('memories')").fetchone() == (None,):
+    if not relation_exists(conn, "memories"):
         raise SchemaError("the unified schema is not applied: run `unified-memory schema up` first")
     with maintenance(conn):
         cur = conn.execute(RECORD_COUNTS)
         result.counts = _named(cur)
         result.quality = _named(conn.execute(DATA_QUALITY))
         result.top_tenants = [list(r) for r in conn.execute(TENANT_DISTRIBUTION)]
-        if conn.execute("SELECT to_regclass('memory_migration_runs')").fetchone() != (None,):
+        if relation_exists(conn, "memory_migration_runs"):
             row = conn.execute(LAST_RUN).fetchone()
             if row:
                 result.last_run = dict(zip(("run_id", "status", "started_at", "finished_at"), row, strict=True))
-            quarantined = conn.execute(QUARANTINE).fetchone()
-            result.quarantined = int(quarantined[0]) if quarantined else 0
+            result.quarantined = int(scalar(conn, QUARANTINE))
     result.seconds = time.monotonic() - started
     return result
 

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from . import batchsql
 from .accounting import TableAccount, account
-from .db import custom_plans, maintenance
+from .db import custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, LockBusy, MigrationError, SchemaError, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .shapes import Detected, detect
@@ -280,12 +280,11 @@ def _pending(conn: psycopg.Connection, m: TableMapping) -> int:
     """Source rows that have no outcome yet (for ctid tables: rows past the checkpoint)."""
     if m.expands:
         after = _resume_point(conn, m)
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {} s WHERE %(after)s::tid IS NULL OR s.ctid > %(after)s::tid")
-                           .format(sql.Identifier(m.table)), {"after": after}).fetchone()
-    else:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(
-            sql.Identifier(m.table), batchsql.not_accounted(m))).fetchone()
-    return int(row[0]) if row else 0
+        return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE %(after)s::tid IS NULL "
+                                        "OR s.ctid > %(after)s::tid").format(sql.Identifier(m.table)),
+                          {"after": after}))
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(
+        sql.Identifier(m.table), batchsql.not_accounted(m))))
 
 
 def _checkpoint(conn: psycopg.Connection, m: TableMapping, last_key: str | None, run_id: int | None, *,
@@ -319,8 +318,7 @@ def _defer_indexes(conn: psycopg.Connection) -> None:
 
 
 def _deferred_count(conn: psycopg.Connection) -> int:
-    row = conn.execute("SELECT count(*) FROM memory_migration_deferred_indexes").fetchone()
-    return int(row[0]) if row else 0
+    return int(scalar(conn, "SELECT count(*) FROM memory_migration_deferred_indexes"))
 
 
 def rebuild_deferred_indexes(conn: psycopg.Connection) -> int:
@@ -381,7 +379,7 @@ def _check_options(conn: psycopg.Connection, opts: MigrationOptions) -> None:
     unknown = set(opts.tables) - set(PRECEDENCE)
     if unknown:
         raise ConfigError(f"unknown tables {sorted(unknown)}; known: {', '.join(PRECEDENCE)}")
-    if conn.execute("SELECT to_regclass('memory_migration_checkpoints')").fetchone() == (None,):
+    if not relation_exists(conn, "memory_migration_checkpoints"):
         raise SchemaError("the unified schema is not applied: run `unified-memory schema up` first")
     try:
         conn.execute("SELECT now() AT TIME ZONE %s", [opts.source_timezone])

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from .accounting import account
 from .batchsql import mapped_source
+from .db import scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
@@ -110,8 +111,7 @@ SELECT coalesce(s.tenant, d.tenant), coalesce(s.n, 0), s.sum, coalesce(d.n, 0), 
 
 def outcomes_without_source(conn: psycopg.Connection, table: str) -> int:
     """Source rows with a recorded outcome, counted from memories and the quarantine alone (table gone)."""
-    row = conn.execute(
-        "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT source_key AS k FROM memories "
+    return int(scalar(
+        conn, "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT source_key AS k FROM memories "
         "WHERE source_table = %(t)s UNION ALL SELECT source_key FROM memory_migration_quarantine "
-        "WHERE source_table = %(t)s) o", {"t": table}).fetchone()
-    return int(row[0]) if row else 0
+        "WHERE source_table = %(t)s) o", {"t": table}))

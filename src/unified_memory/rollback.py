@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from .backup import DETERMINISTIC_SESSION, TableBackup, row_checksum, tables_data, verify
-from .db import maintenance
+from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, translate
 
 log = logging.getLogger("unified_memory.rollback")
@@ -174,11 +174,11 @@ def _ensure_types(conn: psycopg.Connection, entry: TableBackup) -> None:
 
 def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: bool) -> TableRestore:
     """Put the staged table in place; a live table that differs is moved aside, never dropped."""
-    here = str(conn.execute("SELECT current_schema()").fetchone()[0])  # type: ignore[index]
+    here = str(scalar(conn, "SELECT current_schema()"))
     if entry.definition["schema"] != here:
         raise RollbackError(f"{entry.table} was backed up from schema {entry.definition['schema']}, not {here}")
     staged, live = sql.Identifier(STAGE, entry.table), sql.Identifier(entry.table)
-    if conn.execute("SELECT to_regclass(%s)", [sql.Identifier(entry.table).as_string(conn)]).fetchone() == (None,):
+    if not relation_exists(conn, sql.Identifier(entry.table).as_string(conn)):
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(here)))
         return TableRestore(entry.table, "restored", entry.rows)
     if row_checksum(conn, entry.table) == (entry.rows, entry.row_checksum):
@@ -202,14 +202,13 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
 
 
 def _count_except(conn: psycopg.Connection, a: sql.Identifier, b: sql.Identifier, columns: sql.Composable) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT {c} FROM {a} EXCEPT ALL SELECT {c} FROM {b}) d").format(
-        a=a, b=b, c=columns)).fetchone()
-    return int(row[0]) if row else 0
+    return int(scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT {c} FROM {a} EXCEPT ALL SELECT {c} FROM {b}) d")
+                      .format(a=a, b=b, c=columns)))
 
 
 def _saved_name(conn: psycopg.Connection, table: str) -> str:
     name, n = table, 1
-    while conn.execute("SELECT to_regclass(%s)", [sql.Identifier(SAVED, name).as_string(conn)]).fetchone() != (None,):
+    while relation_exists(conn, sql.Identifier(SAVED, name).as_string(conn)):
         name, n = f"{table}_{n}", n + 1
     return name
 
@@ -227,7 +226,7 @@ def _add_constraints_and_indexes(conn: psycopg.Connection, entry: TableBackup) -
 
 def _undo_unified_side(conn: psycopg.Connection, result: RollbackResult, tables: list[str], *, force: bool) -> None:
     """Delete the memories the migration created (by provenance), its quarantine and checkpoints."""
-    if conn.execute("SELECT to_regclass('memory_migration_runs')").fetchone() == (None,):
+    if not relation_exists(conn, "memory_migration_runs"):
         return
     params = {"tables": tables}
     changed = conn.execute(_COUNT_CHANGED, params).fetchone()

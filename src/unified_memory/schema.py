@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from . import sqlfile
+from .db import relation_exists
 from .errors import LockBusy, SchemaError
 
 TRACKING_TABLE = "unified_memory_schema_migrations"
@@ -145,7 +146,7 @@ def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -
 
 
 def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
-    if conn.execute("SELECT to_regclass(%s)", [TRACKING_TABLE]).fetchone() == (None,):
+    if not relation_exists(conn, TRACKING_TABLE):
         return {}
     query = sql.SQL("SELECT version, sha256, applied_at::text FROM {}").format(sql.Identifier(TRACKING_TABLE))
     return {row[0]: (row[1], row[2]) for row in conn.execute(query)}

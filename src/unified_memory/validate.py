@@ -19,7 +19,7 @@ from psycopg import sql
 
 from . import contract, reconcile
 from .backup import BackupManifest
-from .db import maintenance
+from .db import maintenance, relation_exists, scalar
 from .errors import ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .shapes import LEGACY_TABLES, detect
@@ -73,7 +73,7 @@ def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None
     report = ValidationReport()
     with maintenance(conn):
         report.checks += schema_checks(conn)
-        if not _exists(conn, "memory_migration_runs"):
+        if not relation_exists(conn, "memory_migration_runs"):
             report.checks.append(Check("schema.bookkeeping", FAIL, "migration 017 (the data migration's bookkeeping) "
                                        "is not applied: run `unified-memory schema up`"))
         if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
@@ -102,7 +102,7 @@ def _verdict(name: str, problems: list[str], ok: str, evidence: dict[str, Any] |
 # ------------------------------------------------------------------------------------------- schema
 def schema_checks(conn: psycopg.Connection) -> list[Check]:
     """The catalog against the contract: tables, columns, constraints, indexes, functions, triggers, views."""
-    here = _scalar(conn, "SELECT current_schema()")
+    here = scalar(conn, "SELECT current_schema()")
     tables = {r[0] for r in conn.execute(
         "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace AND relkind IN ('r', 'p')")}
     missing = [f"table {t} is missing" for t in contract.COLUMNS if t not in tables]
@@ -159,7 +159,7 @@ def _indexes(conn: psycopg.Connection) -> Check:
         "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "WHERE c.relnamespace = current_schema()::regnamespace")}
     deferred = {r[0] for r in conn.execute("SELECT index_name FROM memory_migration_deferred_indexes")} \
-        if _exists(conn, "memory_migration_deferred_indexes") else set()
+        if relation_exists(conn, "memory_migration_deferred_indexes") else set()
     problems = [f"index {n} is missing" + (" (dropped for a load; re-run migrate)" if n in deferred else "")
                 for n in contract.INDEXES if n not in live]
     problems += [f"index {n} is invalid" for n in contract.INDEXES if n in live and not live[n]]
@@ -245,7 +245,7 @@ def integrity_checks(conn: psycopg.Connection) -> list[Check]:
                                  for c in INTEGRITY_RULES.values())
     row = conn.execute(sql.SQL("SELECT count(*), {} FROM memories").format(filters)).fetchone()
     assert row is not None
-    expiry_by_choice = _scalar(conn, "SELECT count(*) FROM memory_migration_runs WHERE options ->> 'expiry' = "
+    expiry_by_choice = scalar(conn, "SELECT count(*) FROM memory_migration_runs WHERE options ->> 'expiry' = "
                                      "'created' AND status IN ('succeeded', 'running', 'interrupted')")
     checks = []
     for (rule, condition), count in zip(INTEGRITY_RULES.items(), row[1:], strict=True):
@@ -265,7 +265,7 @@ def integrity_checks(conn: psycopg.Connection) -> list[Check]:
 # ------------------------------------------------------------------------------------------- reconciliation
 def reconciliation_checks(conn: psycopg.Connection, manifest: BackupManifest | None) -> list[Check]:
     """Per legacy table: every source row has one outcome, and migrated content equals the mapped source."""
-    tz = _scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
+    tz = scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
                        "WHERE status = 'succeeded' ORDER BY run_id DESC LIMIT 1), 'UTC')")
     checks = []
     for table in LEGACY_TABLES:
@@ -317,7 +317,7 @@ def isolation_checks(conn: psycopg.Connection) -> list[Check]:
     problems = [f"row-level security is {'not forced' if flags.get(t, (False,))[0] else 'disabled'} on {t}"
                 for t in contract.RLS_TABLES if flags.get(t) != (True, True)]
     checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories and the log")]
-    owners = _scalar(conn, "SELECT count(*) FROM memories WHERE user_id IS NULL OR btrim(user_id) = ''")
+    owners = scalar(conn, "SELECT count(*) FROM memories WHERE user_id IS NULL OR btrim(user_id) = ''")
     checks.append(_verdict("isolation.owners", [f"{owners} memories have no owner"] if owners else [],
                            "every memory has an owner"))
     checks.append(_sessions(conn))
@@ -403,7 +403,7 @@ def index_checks(conn: psycopg.Connection) -> list[Check]:
     sample = conn.execute("SELECT user_id, coalesce(org_id, ''), memory_type FROM memories "
                           "ORDER BY org_id IS NULL, id LIMIT 1").fetchone() or ("nobody", "", "general")
     params = {"u": sample[0], "o": sample[1], "t": sample[2]}
-    small = _scalar(conn, "SELECT reltuples < 10000 FROM pg_class WHERE oid = 'memories'::regclass")
+    small = scalar(conn, "SELECT reltuples < 10000 FROM pg_class WHERE oid = 'memories'::regclass")
     checks = []
     for name, (query, intended) in CANONICAL_QUERIES.items():
         used = _indexes_used(conn, query, params, seqscan=True)
@@ -539,12 +539,3 @@ def distributions(conn: psycopg.Connection) -> tuple[dict[str, list[list[Any]]],
     row = conn.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT org_id) FROM memories").fetchone()
     assert row is not None
     return dist, {"total_memories": row[0], "unique_users": row[1], "unique_orgs": row[2]}
-
-
-def _scalar(conn: psycopg.Connection, query: str) -> Any:
-    row = conn.execute(query).fetchone()
-    return row[0] if row else None
-
-
-def _exists(conn: psycopg.Connection, table: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s)", [table]).fetchone() != (None,)

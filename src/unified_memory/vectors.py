@@ -29,7 +29,7 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
 
-from .db import custom_plans, maintenance
+from .db import custom_plans, maintenance, scalar
 from .embedders import Embedder
 from .errors import VectorStoreError
 from .milvus import DataType, MilvusClient, MilvusException
@@ -228,7 +228,7 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
         if not client.has_collection(spec.name):
             raise VectorStoreError(f"collection {spec.name} does not exist: run `unified-memory vectors up` first")
         client.load_collection(spec.name)
-        total = _scalar(conn, _PENDING, {"full": full})
+        total = int(scalar(conn, _PENDING, {"full": full}))
 
         def prepare(after: str | None) -> tuple[str | None, list[dict[str, Any]]]:
             with conn.cursor(binary=True) as cur:
@@ -485,11 +485,6 @@ def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
-
-
-def _scalar(conn: psycopg.Connection, query: str, params: dict[str, Any]) -> int:
-    row = conn.execute(query, params).fetchone()
-    return int(row[0]) if row else 0
 
 
 @contextmanager
