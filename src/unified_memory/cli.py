@@ -424,7 +424,7 @@ def vectors_verify(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLE
     with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn:
         result = vectors.verify(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
                                 sample=sample)
-        emit(opts, result, lambda r: "\n".join(f"{c.status.upper()}  {c.name}: {c.message}" for c in r.checks))
+        emit(opts, result, report.vector_verify)
         if not result.ok:
             raise VectorStoreError("the collection differs from memories (see the failed checks above)")
 

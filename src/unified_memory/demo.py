@@ -71,7 +71,7 @@ def run_demo(conn: psycopg.Connection, client: MilvusClient, *, rows: int, workd
     stages["vectors_verify"] = vectors.verify(conn, client, spec, embedder)
     show("7. Vectors: migrate.sh up milvus, sync, verify", "\n".join([
         report.vector_up(stages["vectors_up"]), report.vector_sync(stages["vectors_sync"]),
-        *(f"{c.status.upper()}  {c.name}: {c.message}" for c in stages["vectors_verify"].checks)]))
+        report.vector_verify(stages["vectors_verify"])]))
     tenant = conn.execute("SELECT user_id FROM memories WHERE org_id IS NULL AND source_table = 'long_term_memory' "
                           "GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT 1").fetchone()
     stages["search"] = vectors.search(conn, client, spec, embedder, user_id=str(tenant[0]) if tenant else "nobody",

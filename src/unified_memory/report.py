@@ -10,10 +10,10 @@ from .health import Health
 from .migrate import MigrationRun
 from .rollback import RollbackResult
 from .schema import SchemaResult, SchemaStatus
-from .validate import ValidationReport
+from .validate import Check, ValidationReport
 
 if TYPE_CHECKING:  # the vector stack (pymilvus) is imported only by the commands that use it
-    from .vectors import SearchResult, SyncResult, UpResult
+    from .vectors import SearchResult, SyncResult, UpResult, VerifyResult
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -96,10 +96,15 @@ def rollback_result(result: RollbackResult) -> str:
 _MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
 
 
+def check_lines(checks: list[Check]) -> list[str]:
+    """One terminal line per check: ``PASS  name: message``."""
+    return [f"{_MARK[c.status]}  {c.name}: {c.message}" for c in checks]
+
+
 def validation(result: ValidationReport) -> str:
     """The validator's verdict on a terminal: one line per check, failures first."""
     order = {"fail": 0, "warn": 1, "pass": 2}
-    lines = [f"{_MARK[c.status]}  {c.name}: {c.message}" for c in sorted(result.checks, key=lambda c: order[c.status])]
+    lines = check_lines(sorted(result.checks, key=lambda c: order[c.status]))
     counts = result.to_dict()["counts"]
     lines.append("")
     lines.append(f"validation {result.status.upper()}: {counts['pass']} passed, {counts['warn']} warned, "
@@ -183,3 +188,8 @@ def vector_up(result: UpResult) -> str:
     """``vectors up``: created or already there, and which indexes were missing."""
     return (f"collection {result.collection}: {result.action}; indexes created: "
             f"{', '.join(result.indexes_created) or 'none (all present)'}; {result.entities} entities")
+
+
+def vector_verify(result: VerifyResult) -> str:
+    """``vectors verify``: one line per check."""
+    return "\n".join(check_lines(result.checks))
