@@ -222,10 +222,10 @@ def row_checksum(conn: psycopg.Connection, table: str, schema: str | None = None
     return int(row[0]), str(row[1])
 
 
-def copy_out_sql(table: str, columns: list[str], schema: str | None = None) -> sql.Composed:
+def copy_out_sql(table: str, columns: list[str]) -> sql.Composed:
     """``COPY table (columns) TO STDOUT`` (text format) with every name quoted."""
-    name = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    return sql.SQL("COPY {} ({}) TO STDOUT").format(name, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    return sql.SQL("COPY {} ({}) TO STDOUT").format(sql.Identifier(table),
+                                                    sql.SQL(", ").join(map(sql.Identifier, columns)))
 
 
 def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str) -> TableBackup:
@@ -272,14 +272,12 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
     started = time.monotonic()
     opened: dict[str, tuple[TableBackup, Any]] = {}  # table -> (what its data shows, running SHA-256)
     seen: dict[str, TableBackup] = {}
-    current: str | None = None
     final: dict[str, Any] | None = None
-    for record in read_records(path, secret=secret):
+    for current, record in _by_table(read_records(path, secret=secret)):
         if final is not None:
             raise BackupIntegrityError("the backup has records after its manifest")
         if record.kind == b"T":
             info = record.json()
-            current = info["table"]
             opened[info["table"]] = (TableBackup(info["table"], info["definition"]), hashlib.sha256())
         elif record.kind == b"D":
             if current is None:
