@@ -65,3 +65,43 @@ def run_tool(args: Sequence[str], env: dict[str, str] | None = None) -> ChildRun
 
 def dbname(dsn: str) -> str:
     return str(conninfo_to_dict(dsn)["dbname"])
+
+
+# --------------------------------------------------------------------------------------- realistic payload
+# The fixtures' texts ("memory item 17") and vectors (one value repeated 768 times) compress about 9x, far
+# better than real memories: prose and embeddings of unrelated floats. Compression speed depends on that, so
+# backup benchmarks also run on this payload: the same rows, with prose and random unit-range embeddings.
+_VOCABULARY = """the a user prefers likes remembers said asked about meeting project deadline coffee tea morning evening
+weekend trip to from with for on in at notes summary task todo reminder birthday family friend team manager
+python database migration schema backup vector search memory model prompt answer question email calendar phone
+call review design document draft budget invoice travel flight hotel train lisbon berlin tokyo paris london
+dark mode editor keyboard shortcut release version bug fix test deploy server cluster cloud cost report weekly
+monthly quarter goal plan idea insight preference context fact profile allergy peanuts vegetarian running gym
+music jazz book novel film series episode recipe pasta dinner lunch breakfast doctor appointment insurance car
+repair garden plants dog cat school homework kids daughter son partner anniversary gift shopping list groceries
+milk bread eggs cheese apples password never share always before after because although when while since until
+important urgent later maybe often rarely usually should must could would will can not very quite really"""
+
+REALISTIC_PAYLOAD = (
+    "SELECT setseed(0.17)",
+    """CREATE FUNCTION pg_temp.prose(words text[]) RETURNS text LANGUAGE sql VOLATILE AS $$
+        SELECT string_agg(words[1 + floor(random() * cardinality(words))::int], ' ')
+        FROM generate_series(1, 6 + floor(random() * 70)::int) $$""",
+    """CREATE FUNCTION pg_temp.embedding(dim int) RETURNS real[] LANGUAGE sql VOLATILE AS $$
+        SELECT array_agg((random() - 0.5)::real) FROM generate_series(1, dim) $$""",
+    """UPDATE memory_items SET content = pg_temp.prose(%(words)s::text[]),
+        embedding = CASE WHEN random() < %(with_vector)s THEN pg_temp.embedding(%(dim)s) END""",
+    "UPDATE memory_entries SET content = pg_temp.prose(%(words)s::text[])",
+    "UPDATE web_ui_memory_entries SET content = pg_temp.prose(%(words)s::text[])",
+    """UPDATE long_term_memory SET memory_json = regexp_replace(memory_json, 'long-term memory [0-9]+/[0-9]+',
+        pg_temp.prose(%(words)s::text[]), 'g')""",
+)
+
+
+def make_realistic(conn: psycopg.Connection, *, dim: int, with_vector: float = 0.9) -> None:
+    """Rewrite the default-shape fixture tables' texts as prose and most memory_items vectors as random floats."""
+    params = {"words": _VOCABULARY.split(), "dim": dim, "with_vector": with_vector}
+    for statement in REALISTIC_PAYLOAD:
+        conn.execute(statement, params if "%(" in statement else None)  # type: ignore[arg-type]
+    for table in ("memory_items", "memory_entries", "web_ui_memory_entries", "long_term_memory"):
+        conn.execute(sql.SQL("VACUUM FULL ANALYZE {}").format(sql.Identifier(table)))

@@ -1,9 +1,11 @@
 """Backup: the legacy tables, definition and rows, in one verified file, taken before any change.
 
-Each table is read with ``COPY ... TO STDOUT`` inside one REPEATABLE READ snapshot and streamed through
-zstd (and AES-256-GCM when a key is set) to disk: the client's memory stays flat whatever the size. The
-manifest holds each table's definition, row count, SHA-256 of its data and an order-independent row
-checksum computed in SQL, which the rollback compares after restoring. ``verify`` needs no database.
+Each table is read with ``COPY ... TO STDOUT (FORMAT binary)`` inside one REPEATABLE READ snapshot and
+streamed through zstd (and AES-256-GCM when a key is set) to disk: the client's memory stays flat whatever
+the size. Binary COPY round-trips every type bit for bit (floats and vectors included) and spares the server
+the text conversion, the largest cost of a dump. The manifest holds each table's definition, its row count
+(the server's COPY count) and the SHA-256 of its data; the rollback proves a restored table by reading it
+back to the same SHA-256. ``verify`` needs no database.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,15 +36,16 @@ BACKUP_PREFIX = "memory_migration_backup_"
 BACKUP_SUFFIX = ".umbk"
 RECORD_BYTES = 1 << 20
 
-# Text output that does not depend on the session: the checksums of backup and rollback must agree.
+# The COPY format of new backups. Files written before it hold "text" (their T records name no format).
+COPY_FORMAT = "binary"
+BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+BINARY_TRAILER = b"\xff\xff"
+
+# Text output that does not depend on the session, so that text COPY and row::text checksums are reproducible.
 DETERMINISTIC_SESSION = (
     "SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'", "SET LOCAL IntervalStyle = 'postgres'",
     "SET LOCAL extra_float_digits = 1", "SET LOCAL bytea_output = 'hex'",
 )
-
-# count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
-ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
-                "FROM {} t")
 
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
@@ -72,16 +74,16 @@ class TableBackup:
     rows: int = 0
     bytes: int = 0
     sha256: str = ""
-    row_checksum: str = ""
+    copy_format: str = COPY_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         return {"table": self.table, "definition": self.definition, "rows": self.rows, "bytes": self.bytes,
-                "sha256": self.sha256, "row_checksum": self.row_checksum}
+                "sha256": self.sha256, "copy_format": self.copy_format}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableBackup:
         return cls(data["table"], data["definition"], int(data["rows"]), int(data["bytes"]), data["sha256"],
-                   data["row_checksum"])
+                   data.get("copy_format", "text"))
 
 
 @dataclass
@@ -136,29 +138,17 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
            tables: tuple[str, ...] = LEGACY_TABLES) -> BackupManifest:
     """Write every present legacy table of ``conn``'s database to ``path`` and return the manifest.
 
-    The SQL row checksums are computed on a second connection that shares the snapshot (as ``pg_dump -j``
-    does), while this one streams the data; where a second connection cannot be opened, they run here after.
-
     Raises:
         ConfigError: the connection is not in autocommit mode.
     """
     started = time.monotonic()
     writer = BackupWriter(path, secret=secret)
     try:
-        with snapshot(conn), ThreadPoolExecutor(max_workers=1) as helper:
+        with snapshot(conn):
             manifest = _header(conn, path, encrypted=secret is not None)
-            present = [t for t in tables if table_columns(conn, t)]
-            exported = str(scalar(conn, "SELECT pg_export_snapshot()"))
-            checksums = helper.submit(_checksums_in_snapshot, conn, exported, present)
             writer.json(b"H", _manifest_dict(manifest))
-            for table in present:
-                manifest.tables[table] = _write_table(conn, writer, table)
-            sums = checksums.result() or {t: row_checksum(conn, t) for t in present}
-            for table, (rows, checksum) in sums.items():
-                entry = manifest.tables[table]
-                if rows != entry.rows:
-                    raise BackupIntegrityError(f"{table}: COPY gave {entry.rows} rows but the table holds {rows}")
-                entry.row_checksum = checksum
+            for table in (t for t in tables if table_columns(conn, t)):
+                entry = manifest.tables[table] = _write_table(conn, writer, table)
                 writer.json(b"E", {k: v for k, v in entry.to_dict().items() if k != "definition"})
         manifest.seconds = time.monotonic() - started
         writer.json(b"M", _manifest_dict(manifest))
@@ -170,23 +160,6 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     log.info("backup file=%s tables=%d bytes=%d seconds=%.2f", path.name, len(manifest.tables),
              manifest.file_bytes, manifest.seconds)
     return manifest
-
-
-def _checksums_in_snapshot(conn: psycopg.Connection, exported: str,
-                           tables: list[str]) -> dict[str, tuple[int, str]] | None:
-    """Row checksums of ``tables`` on a second connection in the exported snapshot; None if it cannot connect."""
-    try:
-        helper = psycopg.connect(conn.info.dsn, password=conn.info.password or None, autocommit=True,
-                                 application_name="unified-memory backup checksums")
-    except psycopg.OperationalError:
-        return None
-    with helper:
-        helper.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        helper.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
-        helper.execute("SELECT set_config('row_security', 'off', true)")
-        for statement in DETERMINISTIC_SESSION:
-            helper.execute(statement)
-        return {t: row_checksum(helper, t) for t in tables}
 
 
 def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupManifest:
@@ -214,43 +187,50 @@ def definition(conn: psycopg.Connection, table: str) -> dict[str, Any]:
     }
 
 
-def row_checksum(conn: psycopg.Connection, table: str, schema: str | None = None) -> tuple[int, str]:
-    """(rows, order-independent checksum of all columns) of a table, computed in SQL."""
-    name = sql.Identifier(schema, table) if schema else sql.Identifier(table)
-    row = conn.execute(sql.SQL(ROW_CHECKSUM).format(name)).fetchone()
-    assert row is not None
-    return int(row[0]), str(row[1])
+def copy_sql(table: sql.Composable, columns: list[str], copy_format: str, direction: str) -> sql.Composed:
+    """``COPY table (columns) TO STDOUT`` or ``FROM STDIN`` in ``copy_format``, every name quoted."""
+    if copy_format not in ("text", "binary") or direction not in ("TO STDOUT", "FROM STDIN"):
+        raise ValueError(f"unsupported COPY {direction} format {copy_format!r}")
+    return sql.SQL("COPY {} ({}) {} (FORMAT {})").format(
+        table, sql.SQL(", ").join(map(sql.Identifier, columns)), sql.SQL(direction), sql.SQL(copy_format))
 
 
-def copy_out_sql(table: str, columns: list[str]) -> sql.Composed:
-    """``COPY table (columns) TO STDOUT`` (text format) with every name quoted."""
-    return sql.SQL("COPY {} ({}) TO STDOUT").format(sql.Identifier(table),
-                                                    sql.SQL(", ").join(map(sql.Identifier, columns)))
+def copy_digest(conn: psycopg.Connection, table: sql.Composable, columns: list[str], copy_format: str,
+                sink: BackupWriter | None = None) -> tuple[int, int, str]:
+    """(rows, bytes, SHA-256) of a table's COPY output; with ``sink``, the data also goes there in ``D`` records.
+
+    Blocks are gathered into records of about a megabyte, so compression and hashing work on large buffers.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray()
+    with conn.cursor() as cur:
+        with cur.copy(copy_sql(table, columns, copy_format, "TO STDOUT")) as copy:
+            for block in copy:
+                buffer += block
+                if len(buffer) >= RECORD_BYTES:
+                    size += _flush(buffer, digest, sink)
+        size += _flush(buffer, digest, sink)
+        return cur.rowcount, size, digest.hexdigest()
+
+
+def _flush(buffer: bytearray, digest: Any, sink: BackupWriter | None) -> int:
+    size = len(buffer)
+    if size:
+        digest.update(buffer)
+        if sink is not None:
+            sink.record(b"D", bytes(buffer))
+        buffer.clear()
+    return size
 
 
 def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str) -> TableBackup:
-    """Stream one table's COPY text into ``D`` records of about a megabyte; the ``E`` record comes later."""
+    """Stream one table's binary COPY into ``D`` records between its ``T`` record and (later) its ``E``."""
     entry = TableBackup(table, definition(conn, table))
-    writer.json(b"T", {"table": table, "definition": entry.definition})
+    writer.json(b"T", {"table": table, "definition": entry.definition, "copy_format": entry.copy_format})
     columns = [c["name"] for c in entry.definition["columns"]]
-    digest = hashlib.sha256()
-    buffer = bytearray()
-
-    def flush() -> None:
-        digest.update(buffer)
-        entry.rows += buffer.count(b"\n")
-        entry.bytes += len(buffer)
-        writer.record(b"D", bytes(buffer))
-        buffer.clear()
-
-    with conn.cursor() as cur, cur.copy(copy_out_sql(table, columns)) as copy:
-        for block in copy:
-            buffer += block
-            if len(buffer) >= RECORD_BYTES:
-                flush()
-    if buffer:
-        flush()
-    entry.sha256 = digest.hexdigest()
+    entry.rows, entry.bytes, entry.sha256 = copy_digest(conn, sql.Identifier(table), columns, entry.copy_format,
+                                                        writer)
     return entry
 
 
@@ -263,14 +243,14 @@ def _manifest_dict(manifest: BackupManifest) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- verify
 def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
-    """Read the whole file: decryption, compression, every table's rows and SHA-256, the manifest.
+    """Read the whole file: decryption, compression, every table's bytes, framing and SHA-256, the manifest.
 
     Raises:
         BackupIntegrityError: incomplete, truncated or altered.
         BackupKeyError: encrypted, and the key is missing or wrong.
     """
     started = time.monotonic()
-    opened: dict[str, tuple[TableBackup, Any]] = {}  # table -> (what its data shows, running SHA-256)
+    opened: dict[str, _TableCheck] = {}
     seen: dict[str, TableBackup] = {}
     final: dict[str, Any] | None = None
     for current, record in _by_table(read_records(path, secret=secret)):
@@ -278,19 +258,16 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
             raise BackupIntegrityError("the backup has records after its manifest")
         if record.kind == b"T":
             info = record.json()
-            opened[info["table"]] = (TableBackup(info["table"], info["definition"]), hashlib.sha256())
+            opened[info["table"]] = _TableCheck(info["table"], info.get("copy_format", "text"))
         elif record.kind == b"D":
             if current is None:
                 raise BackupIntegrityError("the backup holds data outside a table")
-            entry, digest = opened[current]
-            digest.update(record.payload)
-            entry.rows += record.payload.count(b"\n")
-            entry.bytes += len(record.payload)
+            opened[current].update(record.payload)
         elif record.kind == b"E":
             end = record.json()
             if end.get("table") not in opened:
                 raise BackupIntegrityError("the backup's table records are out of order")
-            seen[end["table"]] = _close_table(*opened[end["table"]], end)
+            seen[end["table"]] = opened[end["table"]].close(end)
         elif record.kind == b"M":
             final = record.json()
     if final is None:
@@ -299,18 +276,35 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
     if set(manifest.tables) != set(seen):
         raise BackupIntegrityError("the manifest and the tables in the file disagree")
     for table, entry in manifest.tables.items():
-        if (entry.rows, entry.sha256) != (seen[table].rows, seen[table].sha256):
+        if (entry.rows, entry.bytes, entry.sha256) != (seen[table].rows, seen[table].bytes, seen[table].sha256):
             raise BackupIntegrityError(f"{table}: the manifest's checksum does not match the data")
     manifest.seconds = time.monotonic() - started
     manifest.file_bytes = path.stat().st_size
     return manifest
 
 
-def _close_table(current: TableBackup, digest: Any, end: dict[str, Any]) -> TableBackup:
-    if end.get("rows") != current.rows or end.get("sha256") != digest.hexdigest():
-        raise BackupIntegrityError(f"{current.table}: data does not match its SHA-256 (the file was altered)")
-    current.sha256, current.row_checksum = end["sha256"], end["row_checksum"]
-    return current
+class _TableCheck:
+    """One table's data as ``verify`` reads it: running SHA-256, size, and the COPY framing at both ends."""
+
+    def __init__(self, table: str, copy_format: str) -> None:
+        self.table, self.copy_format = table, copy_format
+        self.digest, self.size, self.head, self.tail = hashlib.sha256(), 0, b"", b""
+
+    def update(self, payload: bytes) -> None:
+        self.digest.update(payload)
+        self.size += len(payload)
+        if len(self.head) < len(BINARY_SIGNATURE):
+            self.head = (self.head + payload)[:len(BINARY_SIGNATURE)]
+        self.tail = (self.tail + payload)[-len(BINARY_TRAILER):]
+
+    def close(self, end: dict[str, Any]) -> TableBackup:
+        if end.get("bytes") != self.size or end.get("sha256") != self.digest.hexdigest():
+            raise BackupIntegrityError(f"{self.table}: data does not match its SHA-256 (the file was altered)")
+        framed = (self.head == BINARY_SIGNATURE and self.tail == BINARY_TRAILER if self.copy_format == "binary"
+                  else self.size == 0 or self.tail.endswith(b"\n"))
+        if not framed:
+            raise BackupIntegrityError(f"{self.table}: its COPY data is not complete")
+        return TableBackup(self.table, {}, int(end["rows"]), self.size, end["sha256"], self.copy_format)
 
 
 def manifest_from(path: Path, data: dict[str, Any]) -> BackupManifest:
@@ -322,7 +316,7 @@ def manifest_from(path: Path, data: dict[str, Any]) -> BackupManifest:
 
 
 def tables_data(path: Path, *, secret: bytes | None) -> Iterator[tuple[str, Iterator[bytes]]]:
-    """Each table's COPY text data in file order, in one pass over a (verified) backup.
+    """Each table's COPY data in file order, in one pass over a (verified) backup.
 
     Yields (table, blocks); consume the blocks before asking for the next table.
     """

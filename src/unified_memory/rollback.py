@@ -1,12 +1,12 @@
 """Rollback: put the legacy tables back exactly as the backup holds them, and take out what the migration added.
 
 Nothing is destroyed before its replacement is proven. The backup is verified completely first (no database
-needed). Then one transaction restores every table into a staging schema, compares its row count and SQL
-row checksum with the manifest, and only then switches: a legacy table that still exists is moved aside to
-``unified_memory_rollback_saved`` (never dropped; rows added since the backup are carried over unless
-``discard_new_rows``), the restored one takes its place, and the memories the migration created are deleted
-by provenance. Any failure, or a SIGKILL, aborts the transaction and leaves the database as it was. A dry
-run is the same transaction, rolled back.
+needed). Then one transaction restores every table into a staging schema, reads each back (COPY in the
+backup's format) to the manifest's row count and SHA-256, and only then switches: a legacy table that still
+exists is moved aside to ``unified_memory_rollback_saved`` (never dropped; rows added since the backup are
+carried over unless ``discard_new_rows``), the restored one takes its place, and the memories the migration
+created are deleted by provenance. Any failure, or a SIGKILL, aborts the transaction and leaves the database
+as it was. A dry run is the same transaction, rolled back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .backup import DETERMINISTIC_SESSION, TableBackup, row_checksum, tables_data, verify
+from .backup import DETERMINISTIC_SESSION, TableBackup, copy_digest, copy_sql, tables_data, verify
 from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, translate
 
@@ -32,6 +32,9 @@ SAVED = "unified_memory_rollback_saved"
 _TYPE = re.compile(r"^[a-z][a-z0-9_ ]*(\(\d+(,\s*\d+)?\))?( with(out)? time zone)?(\[\])*$")
 _INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX [a-z0-9_\"]+ ON [a-z0-9_\".]+ USING ", re.IGNORECASE)
 
+# count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
+ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
+                "FROM {} t")
 _COUNT_CHANGED = ("SELECT count(*) FROM memories WHERE source_table = ANY(%(tables)s) "
                   "AND (version > 1 OR deleted_at IS NOT NULL)")
 _DELETE_MIGRATED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s)"
@@ -105,6 +108,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     try:
         with maintenance(conn), conn.transaction(force_rollback=dry_run):
             conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+            conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
             for statement in DETERMINISTIC_SESSION:
                 conn.execute(statement)
             _stage(conn, path, tables, secret)
@@ -134,14 +138,25 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
         conn.execute(_create_table(entry))
     for table, blocks in tables_data(path, secret=secret):
         entry = by_name[table]
-        columns = sql.SQL(", ").join(sql.Identifier(c["name"]) for c in entry.definition["columns"])
-        copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(STAGE, entry.table), columns)
+        copy_in = copy_sql(sql.Identifier(STAGE, entry.table), _column_names(entry), entry.copy_format, "FROM STDIN")
         with conn.cursor() as cur, cur.copy(copy_in) as copy:
             for block in blocks:
                 copy.write(block)
     for entry in tables:
-        if row_checksum(conn, entry.table, STAGE) != (entry.rows, entry.row_checksum):
-            raise RollbackError(f"{entry.table}: the restored rows do not match the backup's checksum")
+        staged = copy_digest(conn, sql.Identifier(STAGE, entry.table), _column_names(entry), entry.copy_format)
+        if staged != (entry.rows, entry.bytes, entry.sha256):
+            raise RollbackError(f"{entry.table}: the restored rows do not read back to the backup's SHA-256")
+
+
+def _column_names(entry: TableBackup) -> list[str]:
+    return [c["name"] for c in entry.definition["columns"]]
+
+
+def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, str]:
+    """(rows, order-independent checksum of all columns) of a table, computed in SQL."""
+    row = conn.execute(sql.SQL(ROW_CHECKSUM).format(table)).fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
 
 
 def _create_table(entry: TableBackup) -> sql.Composed:
@@ -181,7 +196,7 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
     if not relation_exists(conn, sql.Identifier(entry.table).as_string(conn)):
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(here)))
         return TableRestore(entry.table, "restored", entry.rows)
-    if row_checksum(conn, entry.table) == (entry.rows, entry.row_checksum):
+    if row_checksum(conn, live) == row_checksum(conn, staged):
         conn.execute(sql.SQL("DROP TABLE {}").format(staged))
         return TableRestore(entry.table, "unchanged", entry.rows)
     columns = sql.SQL(", ").join(sql.Identifier(c["name"]) for c in entry.definition["columns"])
