@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from catalog import snapshot
 from crash import kill_when, spawn
 
 from unified_memory import fixtures, schema
-from unified_memory.backup import backup, default_path, verify
+from unified_memory.backup import backup, copy_digest, default_path, tables_data, verify
 from unified_memory.errors import BackupIntegrityError, BackupKeyError, RollbackError
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.rollback import rollback
@@ -22,10 +23,11 @@ from unified_memory.shapes import LEGACY_TABLES
 
 # order-independent content of a table: md5 of the sorted md5s of its rows (all columns)
 CONTENT = "SELECT count(*), md5(coalesce(string_agg(h, '' ORDER BY h), '')) FROM (SELECT md5(t::text) AS h FROM {} t) x"
-SHAPE_SETS = [
-    {"memory_items": "I1", "memory_entries": "E1"},
-    {"memory_items": "I2", "memory_entries": "E2"},
-    {"memory_items": "I3", "memory_entries": "E1"},
+ROUND_TRIPS = [  # (shapes, COPY format of the backup)
+    ({"memory_items": "I1", "memory_entries": "E1"}, "binary"),
+    ({"memory_items": "I2", "memory_entries": "E2"}, "binary"),
+    ({"memory_items": "I3", "memory_entries": "E1"}, "binary"),
+    ({"memory_items": "I2", "memory_entries": "E1"}, "text"),
 ]
 
 
@@ -58,16 +60,18 @@ def add_odd_rows(conn: psycopg.Connection) -> None:
                  ["\\N literally"])
 
 
-@pytest.mark.parametrize("shapes", SHAPE_SETS, ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize(("shapes", "copy_format"), ROUND_TRIPS,
+                         ids=["-".join(s.values()) + "-" + f for s, f in ROUND_TRIPS])
 def test_round_trip_backup_migrate_drop_rollback(conn: psycopg.Connection, tmp_path: Path,
-                                                 shapes: dict[str, str]) -> None:
+                                                 shapes: dict[str, str], copy_format: str) -> None:
     fixtures.create(conn, rows=300, shapes=shapes)
     add_odd_rows(conn)
     schema.up(conn)
     before, before_catalog = content(conn), legacy_catalog(conn)
     path = default_path(tmp_path)
-    manifest = backup(conn, path)
+    manifest = backup(conn, path, copy_format=copy_format)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert {b.copy_format for b in manifest.tables.values()} == {copy_format}
     assert {t: b.rows for t, b in manifest.tables.items()} == {t: c[0] for t, c in before.items()}
     run = migrate(conn, MigrationOptions(batch_size=128))
     assert run.status == "succeeded"
@@ -201,6 +205,39 @@ def _flip_middle_byte(path: Path, out: Path) -> Path:
     data[len(data) // 2] ^= 0x40
     out.write_bytes(bytes(data))
     return out
+
+
+def test_reading_stays_flat_however_well_the_data_compresses(conn: psycopg.Connection, tmp_path: Path) -> None:
+    """Identical rows compress over 1000x: a whole table must not come out of one compressed chunk at once."""
+    conn.execute("CREATE TABLE long_term_memory (user_id VARCHAR, memory_json TEXT)")
+    conn.execute("INSERT INTO long_term_memory SELECT 'same user', repeat('[{\"content\": \"same\"}]', 20) "
+                 "FROM generate_series(1, 250000)")
+    path = tmp_path / "flat.umbk"
+    manifest = backup(conn, path)
+    assert manifest.tables["long_term_memory"].bytes > 100_000_000
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        assert verify(path).tables["long_term_memory"].rows == 250000
+        blocks = max(len(block) for _, data in tables_data(path, secret=None) for block in data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert blocks <= 2 * 1024 * 1024
+    assert peak < 32 * 1024 * 1024, f"reading a 100 MB table peaked at {peak / 1e6:.0f} MB"
+
+
+def test_read_back_digest_is_the_backups_and_sees_one_changed_value(conn: psycopg.Connection,
+                                                                     tmp_path: Path) -> None:
+    """The rollback's proof: a table reads back to the manifest's SHA-256 only if every value is the same."""
+    fixtures.create(conn, rows=500)
+    path = tmp_path / "b.umbk"
+    entry = backup(conn, path).tables["memory_items"]
+    columns = [c["name"] for c in entry.definition["columns"]]
+    table = psycopg.sql.Identifier("memory_items")
+    assert copy_digest(conn, table, columns, "binary") == (entry.rows, entry.bytes, entry.sha256)
+    conn.execute("UPDATE memory_items SET importance_decay = 1.0000001 WHERE ctid = '(0,1)'")
+    assert copy_digest(conn, table, columns, "binary")[2] != entry.sha256
 
 
 def test_default_name_follows_the_guide(tmp_path: Path) -> None:

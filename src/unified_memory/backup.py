@@ -36,8 +36,9 @@ BACKUP_PREFIX = "memory_migration_backup_"
 BACKUP_SUFFIX = ".umbk"
 RECORD_BYTES = 1 << 20
 
-# The COPY format of new backups. Files written before it hold "text" (their T records name no format).
+# The COPY format of backups, unless told "text" (slower, but readable by other tools); each table records its own.
 COPY_FORMAT = "binary"
+COPY_FORMATS = ("binary", "text")
 BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 BINARY_TRAILER = b"\xff\xff"
 
@@ -83,7 +84,7 @@ class TableBackup:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableBackup:
         return cls(data["table"], data["definition"], int(data["rows"]), int(data["bytes"]), data["sha256"],
-                   data.get("copy_format", "text"))
+                   data["copy_format"])
 
 
 @dataclass
@@ -135,12 +136,16 @@ def snapshot(conn: psycopg.Connection) -> Iterator[None]:
 
 
 def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
-           tables: tuple[str, ...] = LEGACY_TABLES) -> BackupManifest:
+           tables: tuple[str, ...] = LEGACY_TABLES, copy_format: str = COPY_FORMAT) -> BackupManifest:
     """Write every present legacy table of ``conn``'s database to ``path`` and return the manifest.
 
+    ``copy_format`` "text" trades speed for data that other tools (psql's copy) can read.
+
     Raises:
-        ConfigError: the connection is not in autocommit mode.
+        ConfigError: the connection is not in autocommit mode, or ``copy_format`` is unknown.
     """
+    if copy_format not in COPY_FORMATS:
+        raise ConfigError(f"unknown COPY format {copy_format!r}; use one of {', '.join(COPY_FORMATS)}")
     started = time.monotonic()
     writer = BackupWriter(path, secret=secret)
     try:
@@ -148,7 +153,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
             manifest = _header(conn, path, encrypted=secret is not None)
             writer.json(b"H", _manifest_dict(manifest))
             for table in (t for t in tables if table_columns(conn, t)):
-                entry = manifest.tables[table] = _write_table(conn, writer, table)
+                entry = manifest.tables[table] = _write_table(conn, writer, table, copy_format)
                 writer.json(b"E", {k: v for k, v in entry.to_dict().items() if k != "definition"})
         manifest.seconds = time.monotonic() - started
         writer.json(b"M", _manifest_dict(manifest))
@@ -189,7 +194,7 @@ def definition(conn: psycopg.Connection, table: str) -> dict[str, Any]:
 
 def copy_sql(table: sql.Composable, columns: list[str], copy_format: str, direction: str) -> sql.Composed:
     """``COPY table (columns) TO STDOUT`` or ``FROM STDIN`` in ``copy_format``, every name quoted."""
-    if copy_format not in ("text", "binary") or direction not in ("TO STDOUT", "FROM STDIN"):
+    if copy_format not in COPY_FORMATS or direction not in ("TO STDOUT", "FROM STDIN"):
         raise ValueError(f"unsupported COPY {direction} format {copy_format!r}")
     return sql.SQL("COPY {} ({}) {} (FORMAT {})").format(
         table, sql.SQL(", ").join(map(sql.Identifier, columns)), sql.SQL(direction), sql.SQL(copy_format))
@@ -224,9 +229,9 @@ def _flush(buffer: bytearray, digest: Any, sink: BackupWriter | None) -> int:
     return size
 
 
-def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str) -> TableBackup:
-    """Stream one table's binary COPY into ``D`` records between its ``T`` record and (later) its ``E``."""
-    entry = TableBackup(table, definition(conn, table))
+def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str, copy_format: str) -> TableBackup:
+    """Stream one table's COPY into ``D`` records between its ``T`` record and (later) its ``E``."""
+    entry = TableBackup(table, definition(conn, table), copy_format=copy_format)
     writer.json(b"T", {"table": table, "definition": entry.definition, "copy_format": entry.copy_format})
     columns = [c["name"] for c in entry.definition["columns"]]
     entry.rows, entry.bytes, entry.sha256 = copy_digest(conn, sql.Identifier(table), columns, entry.copy_format,
@@ -258,7 +263,9 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
             raise BackupIntegrityError("the backup has records after its manifest")
         if record.kind == b"T":
             info = record.json()
-            opened[info["table"]] = _TableCheck(info["table"], info.get("copy_format", "text"))
+            if info.get("copy_format") not in COPY_FORMATS:
+                raise BackupIntegrityError(f"{info.get('table')}: unknown COPY format {info.get('copy_format')!r}")
+            opened[info["table"]] = _TableCheck(info["table"], info["copy_format"])
         elif record.kind == b"D":
             if current is None:
                 raise BackupIntegrityError("the backup holds data outside a table")

@@ -3,18 +3,22 @@
 Layout::
 
     MAGIC (8 bytes) | header length (4 bytes, big endian) | header (JSON: format, compression, encryption)
-    body: a zstd stream (content checksum on), encrypted or not, holding records
+    body: a zstd stream (content checksum on), cut into frames of about a megabyte
 
-With encryption the zstd bytes are cut into chunks sealed by AES-256-GCM; each chunk is stored as its
-length (4 bytes) and ciphertext + tag. The nonce is a random prefix and the chunk's counter, and the
-associated data binds the header, the counter and a final flag, so a reordered, altered or truncated
-file is refused. Records inside the stream are ``kind (1 byte) | length (8 bytes) | payload``:
+Each frame is stored as its length (4 bytes) and its bytes. Without a key the bytes are the zstd stream's
+and a frame of length 0 ends the body. With a key each frame is sealed by AES-256-GCM (ciphertext + tag):
+the nonce is a random prefix and the frame's counter, and the associated data binds the header, the counter
+and a final flag. Either way a reordered, altered or truncated file is refused. Records inside the stream
+are ``kind (1 byte) | length (8 bytes) | payload``:
 
     H  header JSON (created_at, server, database, tool version, unified-side state)
-    T  a table starts: its definition (JSON)
-    D  a chunk of that table's data in PostgreSQL's COPY text format (round-trips every type)
-    E  the table ends: rows, bytes, SHA-256 of its data, SQL row checksum (JSON)
+    T  a table starts: its definition and COPY format (JSON)
+    D  a chunk of that table's data in PostgreSQL's COPY format (binary: round-trips every type bit for bit)
+    E  the table ends: rows, bytes, SHA-256 of its data (JSON)
     M  the manifest (JSON): everything above, last, so that a file without it is incomplete
+
+Reading decompresses at most a megabyte at a time, however well the data compressed. (Format 1, from
+development versions before the tool's first release, had an unframed body without a key; it is refused.)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from .errors import BackupIntegrityError, BackupKeyError, ConfigError
 
 MAGIC = b"UMBKUP\x00\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHUNK = 1 << 20
 KEY_ENV = "UNIFIED_MEMORY_BACKUP_KEY"
 _RECORD = struct.Struct(">cQ")
@@ -70,30 +74,31 @@ def _key_check(key: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------- writing
-class _SealedSink:
-    """Bytes in, AES-256-GCM chunks out (or plain bytes when there is no key)."""
+class _FramedSink:
+    """Bytes in, length-prefixed frames out: sealed by AES-256-GCM with a key, else ended by an empty frame."""
 
     def __init__(self, out: IO[bytes], key: bytes | None, aad: bytes, nonce_prefix: bytes) -> None:
         self.out, self.aead, self.aad, self.prefix = out, AESGCM(key) if key else None, aad, nonce_prefix
         self.buffer, self.counter = bytearray(), 0
 
     def write(self, data: bytes) -> int:
-        if self.aead is None:
-            self.out.write(data)
-            return len(data)
         self.buffer += data
         while len(self.buffer) > CHUNK:
-            self._seal(bytes(self.buffer[:CHUNK]), final=False)
+            self._frame(bytes(self.buffer[:CHUNK]), final=False)
             del self.buffer[:CHUNK]
         return len(data)
 
     def close(self) -> None:
-        if self.aead is not None:
-            self._seal(bytes(self.buffer), final=True)
-            self.buffer.clear()
+        self._frame(bytes(self.buffer), final=True)
+        self.buffer.clear()
 
-    def _seal(self, chunk: bytes, *, final: bool) -> None:
-        assert self.aead is not None
+    def _frame(self, chunk: bytes, *, final: bool) -> None:
+        if self.aead is None:
+            if chunk:
+                self.out.write(_FRAME.pack(len(chunk)) + chunk)
+            if final:
+                self.out.write(_FRAME.pack(0))
+            return
         sealed = self.aead.encrypt(self.prefix + struct.pack(">I", self.counter), chunk,
                                    _chunk_aad(self.aad, self.counter, final))
         self.out.write(_FRAME.pack(len(sealed)) + sealed)
@@ -121,7 +126,7 @@ class BackupWriter:
                           "p": 1, "nonce_prefix": prefix.hex(), "chunk": CHUNK, "key_check": _key_check(key)}
         header = json.dumps({"format": FORMAT_VERSION, "compression": "zstd", "encryption": encryption}).encode()
         self.raw.write(MAGIC + _FRAME.pack(len(header)) + header)
-        self.sink = _SealedSink(self.raw, key, header, prefix)
+        self.sink = _FramedSink(self.raw, key, header, prefix)
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
         self.stream = compressor.stream_writer(self.sink, closefd=False)  # type: ignore[arg-type]
 
@@ -167,8 +172,8 @@ class Record:
         return value
 
 
-class _OpenedSource:
-    """Decrypted bytes of the body, chunk by chunk, checking each seal and the final flag."""
+class _FramedSource:
+    """The body's zstd bytes, frame by frame, checking each seal (with a key) and that the last frame is there."""
 
     def __init__(self, raw: IO[bytes], header: bytes, encryption: dict[str, Any] | None, secret: bytes | None):
         self.raw, self.header, self.counter, self.done = raw, header, 0, False
@@ -182,25 +187,28 @@ class _OpenedSource:
             self.aead, self.prefix = AESGCM(key), bytes.fromhex(encryption["nonce_prefix"])
 
     def chunks(self) -> Iterator[bytes]:
-        if self.aead is None:
-            while block := self.raw.read(CHUNK):
-                yield block
-            return
         while True:
             head = self.raw.read(_FRAME.size)
             if not head:
                 if not self.done:
-                    raise BackupIntegrityError("the backup is truncated: its final encrypted chunk is missing")
+                    raise BackupIntegrityError("the backup is truncated: its final frame is missing")
                 return
             if self.done:
-                raise BackupIntegrityError("the backup has data after its final chunk")
+                raise BackupIntegrityError("the backup has data after its final frame")
             if len(head) < _FRAME.size:
-                raise BackupIntegrityError("the backup is truncated inside a chunk header")
+                raise BackupIntegrityError("the backup is truncated inside a frame header")
             (length,) = _FRAME.unpack(head)
-            sealed = self.raw.read(length)
-            if len(sealed) < length:
-                raise BackupIntegrityError("the backup is truncated inside an encrypted chunk")
-            yield self._open(sealed)
+            if length > CHUNK + 64:
+                raise BackupIntegrityError("the backup holds an oversized frame: the file was altered")
+            body = self.raw.read(length)
+            if len(body) < length:
+                raise BackupIntegrityError("the backup is truncated inside a frame")
+            if self.aead is not None:
+                yield self._open(body)
+            elif length:
+                yield body
+            else:
+                self.done = True
 
     def _open(self, sealed: bytes) -> bytes:
         assert self.aead is not None
@@ -214,6 +222,23 @@ class _OpenedSource:
             self.done = final
             return plain
         raise BackupIntegrityError(f"encrypted chunk {self.counter} fails its authentication: the file was altered")
+
+
+class _ChunkReader:
+    """A ``read(size)`` view of an iterator of byte chunks, for zstd's stream reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks, self.pending = chunks, memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.pending:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return b""
+            self.pending = memoryview(chunk)
+        size = len(self.pending) if size < 0 else size
+        out, self.pending = self.pending[:size], self.pending[size:]
+        return bytes(out)
 
 
 def read_records(path: Path, *, secret: bytes | None) -> Iterator[Record]:
@@ -239,22 +264,22 @@ def read_records(path: Path, *, secret: bytes | None) -> Iterator[Record]:
             raise BackupIntegrityError("the backup's header is damaged") from exc
         if info.get("format") != FORMAT_VERSION:
             raise BackupIntegrityError(f"unknown backup format {info.get('format')!r}")
-        source = _OpenedSource(raw, header, info.get("encryption"), secret)
+        source = _FramedSource(raw, header, info.get("encryption"), secret)
         yield from _records(_decompressed(source.chunks()))
 
 
 def _decompressed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    """The decompressed stream in blocks of at most a megabyte, whatever the compression ratio.
+
+    Truncation is the frame layer's to find (its last frame is missing); the zstd reader checks the content.
+    """
+    source: Any = _ChunkReader(chunks)  # zstandard reads any object with read(size)
+    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 17, read_across_frames=True)
     try:
-        for chunk in chunks:
-            if decompressor.eof and chunk:
-                raise BackupIntegrityError("the backup has data after its end")
-            if out := decompressor.decompress(chunk):
-                yield out
+        while block := reader.read(CHUNK):
+            yield block
     except zstandard.ZstdError as exc:
         raise BackupIntegrityError(f"the backup's compressed data is damaged ({exc})") from exc
-    if not decompressor.eof:
-        raise BackupIntegrityError("the backup is truncated: its compressed stream does not end")
 
 
 def _records(blocks: Iterator[bytes]) -> Iterator[Record]:

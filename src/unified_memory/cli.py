@@ -253,6 +253,9 @@ def backup_cmd(ctx: typer.Context,
                out: Annotated[Path | None, typer.Option(
                    help="Backup file (default: memory_migration_backup_YYYYMMDD_HHMMSS.umbk, UTC, in the backup "
                         "directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups).", show_default=False)] = None,
+               copy_format: Annotated[str, typer.Option(
+                   help="COPY format of the data: binary (fast, exact) or text (readable by other tools).")
+               ] = backup.COPY_FORMAT,
                key_file: KeyFileOpt = None, json_flag: JsonOpt = False) -> None:
     """Back up every legacy table (definition and rows) into one compressed file, mode 0600."""
     if ctx.invoked_subcommand is not None:
@@ -261,7 +264,8 @@ def backup_cmd(ctx: typer.Context,
     with failures(opts):
         secret = load_key(key_file=key_file)
         path = out.resolve() if out else backup.default_path(backup_dir(opts.data_dir))
-    run(ctx, lambda conn: backup.backup(conn, path, secret=secret), report.backup_manifest, json_flag)
+    run(ctx, lambda conn: backup.backup(conn, path, secret=secret, copy_format=copy_format), report.backup_manifest,
+        json_flag)
 
 
 @backup_app.command("verify")
