@@ -16,6 +16,7 @@ from crash import kill_when, spawn
 
 from unified_memory import fixtures, schema
 from unified_memory.backup import backup, copy_digest, default_path, tables_data, verify
+from unified_memory.backupfile import FORMAT_VERSION
 from unified_memory.errors import BackupIntegrityError, BackupKeyError, RollbackError
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.rollback import rollback
@@ -72,6 +73,7 @@ def test_round_trip_backup_migrate_drop_rollback(conn: psycopg.Connection, tmp_p
     manifest = backup(conn, path, copy_format=copy_format)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert {b.copy_format for b in manifest.tables.values()} == {copy_format}
+    assert verify(path).to_dict()["format_version"] == FORMAT_VERSION
     assert {t: b.rows for t, b in manifest.tables.items()} == {t: c[0] for t, c in before.items()}
     run = migrate(conn, MigrationOptions(batch_size=128))
     assert run.status == "succeeded"

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from . import __version__
-from .backupfile import BackupWriter, Record, read_records
+from .backupfile import FORMAT_VERSION, BackupWriter, Record, read_records
 from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
@@ -101,11 +101,13 @@ class BackupManifest:
     tables: dict[str, TableBackup] = field(default_factory=dict)
     seconds: float = 0.0
     file_bytes: int = 0
+    format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "created_at": self.created_at, "server_version": self.server_version,
-                "database": self.database, "tool_version": self.tool_version, "encrypted": self.encrypted,
-                "unified": self.unified, "file_bytes": self.file_bytes, "seconds": round(self.seconds, 3),
+        return {"path": str(self.path), "format_version": self.format_version, "created_at": self.created_at,
+                "server_version": self.server_version, "database": self.database, "tool_version": self.tool_version,
+                "encrypted": self.encrypted, "unified": self.unified, "file_bytes": self.file_bytes,
+                "seconds": round(self.seconds, 3),
                 "tables": {t: {k: v for k, v in b.to_dict().items() if k != "definition"}
                            for t, b in self.tables.items()}}
 
@@ -317,7 +319,8 @@ class _TableCheck:
 def manifest_from(path: Path, data: dict[str, Any]) -> BackupManifest:
     """The manifest object of a backup's ``M`` record."""
     manifest = BackupManifest(path, data["created_at"], data["server_version"], data["database"],
-                              data["tool_version"], bool(data["encrypted"]), data.get("unified", {}))
+                              data["tool_version"], bool(data["encrypted"]), data.get("unified", {}),
+                              format_version=int(data["format_version"]))
     manifest.tables = {t: TableBackup.from_dict(b) for t, b in data["tables"].items()}
     return manifest
 

@@ -63,19 +63,21 @@ def migration(run: MigrationRun) -> str:
     return "\n".join(lines)
 
 
-def backup_manifest(manifest: BackupManifest) -> str:
+def backup_manifest(manifest: BackupManifest, *, done: str = "written") -> str:
     """A backup's manifest: file, origin, and each table's rows, bytes and checksum."""
     lines = [f"backup {manifest.path} ({manifest.file_bytes:,} bytes, "
-             f"{'encrypted' if manifest.encrypted else 'not encrypted'}) in {manifest.seconds:.2f} s",
+             f"{'encrypted' if manifest.encrypted else 'not encrypted'}, format {manifest.format_version}), "
+             f"{done} in {manifest.seconds:.2f} s",
              f"from {manifest.database} on PostgreSQL {manifest.server_version} at {manifest.created_at}", ""]
-    rows = [[t, b.rows, f"{b.bytes:,}", b.sha256[:16]] for t, b in manifest.tables.items()]
-    lines.append(_table(["table", "rows", "data bytes", "sha256"], rows))
+    rows = [[t, b.rows, f"{b.bytes:,}", b.copy_format, b.sha256[:16]] for t, b in manifest.tables.items()]
+    lines.append(_table(["table", "rows", "data bytes", "COPY format", "sha256"], rows))
     return "\n".join(lines)
 
 
 def verified(manifest: BackupManifest) -> str:
     """``backup verify``: every checksum matched."""
-    return "VERIFIED: every table's rows and SHA-256 match the manifest\n" + backup_manifest(manifest)
+    return ("VERIFIED: every table's data, size and SHA-256 match the manifest\n"
+            + backup_manifest(manifest, done="verified"))
 
 
 def rollback_result(result: RollbackResult) -> str:
