@@ -1,6 +1,6 @@
 """Backup and restore speed: the tool beside pg_dump -Fc / pg_restore of the same tables, in the same run.
 
-    python benchmarks/bench_backup.py --rows 100000 [--realistic-rows 100000] [--dsn postgresql://...]
+    python benchmarks/bench_backup.py --rows 100000 [--realistic-rows 100000] [--vector-share 0.9] [--dsn ...]
 
 Two payloads, each measured in full: ``synthetic`` is the fixture as generated (short numbered texts, one value
 repeated across each vector: compresses about 9x, cheap for any compressor); ``realistic`` is the same rows
@@ -60,13 +60,13 @@ def drop_legacy(dsn: str) -> None:
             conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")  # noqa: S608 - constant names
 
 
-def measure(server: str, rows: int, *, realistic: bool, work: Path) -> dict[str, object]:
+def measure(server: str, rows: int, *, realistic: bool, work: Path, vector_share: float = 0.9) -> dict[str, object]:
     """One payload: build it, then backup / restore with both tools."""
     with scratch_database(server) as source:
         with psycopg.connect(source, autocommit=True) as conn:
             fixtures.create(conn, rows=rows)
             if realistic:
-                make_realistic(conn, dim=fixtures.VECTOR_DIM)
+                make_realistic(conn, dim=fixtures.VECTOR_DIM, with_vector=vector_share)
             version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             size = conn.execute("SELECT sum(pg_total_relation_size(c)) FROM unnest(%s::regclass[]) c",
                                 [list(LEGACY_TABLES)]).fetchone()[0]  # type: ignore[index]
@@ -84,7 +84,8 @@ def measure(server: str, rows: int, *, realistic: bool, work: Path) -> dict[str,
             rolled = run_tool(["--dsn", rollback_db, "-q", "--data-dir", str(work / "home"), "rollback", "--yes",
                                str(ours)])
     result = {
-        "payload": "realistic" if realistic else "synthetic", "server": f"PostgreSQL {version}",
+        "payload": f"realistic, {vector_share:.0%} of memory_items with vectors" if realistic else "synthetic",
+        "server": f"PostgreSQL {version}",
         "rows_per_table": rows, "legacy_tables_bytes": int(size),
         "backup": {"tool_seconds": round(tool.seconds, 2), "pg_dump_Fc_seconds": round(dump_seconds, 2),
                    "speedup": round(dump_seconds / tool.seconds, 2), "tool_peak_rss_mb": round(tool.peak_rss_mb, 1),
@@ -101,17 +102,21 @@ def measure(server: str, rows: int, *, realistic: bool, work: Path) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=100_000, help="rows per legacy table, synthetic payload")
+    parser.add_argument("--rows", type=int, default=100_000,
+                        help="rows per legacy table, synthetic payload (0 skips it)")
     parser.add_argument("--realistic-rows", type=int, default=100_000,
                         help="rows per legacy table, realistic payload (0 skips it)")
+    parser.add_argument("--vector-share", type=float, default=0.9,
+                        help="share of memory_items rows given a random embedding in the realistic payload")
     parser.add_argument("--dsn", help="server to measure on (databases are created and dropped)")
     args = parser.parse_args()
     server = server_dsn(args.dsn)
     work = Path(tempfile.mkdtemp(prefix="um-bench-backup-"))
     try:
-        results = [measure(server, args.rows, realistic=False, work=work)]
+        results = [measure(server, args.rows, realistic=False, work=work)] if args.rows else []
         if args.realistic_rows:
-            results.append(measure(server, args.realistic_rows, realistic=True, work=work))
+            results.append(measure(server, args.realistic_rows, realistic=True, work=work,
+                                   vector_share=args.vector_share))
         print(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
