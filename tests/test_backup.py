@@ -235,7 +235,7 @@ def test_read_back_digest_is_the_backups_and_sees_one_changed_value(conn: psycop
     fixtures.create(conn, rows=500)
     path = tmp_path / "b.umbk"
     entry = backup(conn, path).tables["memory_items"]
-    columns = [c["name"] for c in entry.definition["columns"]]
+    columns = entry.column_names
     table = psycopg.sql.Identifier("memory_items")
     assert copy_digest(conn, table, columns, "binary") == (entry.rows, entry.bytes, entry.sha256)
     conn.execute("UPDATE memory_items SET importance_decay = 1.0000001 WHERE ctid = '(0,1)'")

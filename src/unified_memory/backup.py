@@ -77,9 +77,17 @@ class TableBackup:
     sha256: str = ""
     copy_format: str = COPY_FORMAT
 
+    @property
+    def column_names(self) -> list[str]:
+        return [c["name"] for c in self.definition["columns"]]
+
+    def summary(self) -> dict[str, Any]:
+        """What the data checks to, without the definition (the ``E`` record and the manifest's table list)."""
+        return {"table": self.table, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "copy_format": self.copy_format}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "definition": self.definition, "rows": self.rows, "bytes": self.bytes,
-                "sha256": self.sha256, "copy_format": self.copy_format}
+        return {**self.summary(), "definition": self.definition}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableBackup:
@@ -108,8 +116,7 @@ class BackupManifest:
                 "server_version": self.server_version, "database": self.database, "tool_version": self.tool_version,
                 "encrypted": self.encrypted, "unified": self.unified, "file_bytes": self.file_bytes,
                 "seconds": round(self.seconds, 3),
-                "tables": {t: {k: v for k, v in b.to_dict().items() if k != "definition"}
-                           for t, b in self.tables.items()}}
+                "tables": {t: b.summary() for t, b in self.tables.items()}}
 
 
 def default_path(directory: Path, now: datetime | None = None) -> Path:
@@ -156,7 +163,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
             writer.json(b"H", _manifest_dict(manifest))
             for table in (t for t in tables if table_columns(conn, t)):
                 entry = manifest.tables[table] = _write_table(conn, writer, table, copy_format)
-                writer.json(b"E", {k: v for k, v in entry.to_dict().items() if k != "definition"})
+                writer.json(b"E", entry.summary())
         manifest.seconds = time.monotonic() - started
         writer.json(b"M", _manifest_dict(manifest))
         writer.commit()
@@ -235,9 +242,8 @@ def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str, cop
     """Stream one table's COPY into ``D`` records between its ``T`` record and (later) its ``E``."""
     entry = TableBackup(table, definition(conn, table), copy_format=copy_format)
     writer.json(b"T", {"table": table, "definition": entry.definition, "copy_format": entry.copy_format})
-    columns = [c["name"] for c in entry.definition["columns"]]
-    entry.rows, entry.bytes, entry.sha256 = copy_digest(conn, sql.Identifier(table), columns, entry.copy_format,
-                                                        writer)
+    entry.rows, entry.bytes, entry.sha256 = copy_digest(conn, sql.Identifier(table), entry.column_names,
+                                                        entry.copy_format, writer)
     return entry
 
 

@@ -138,20 +138,16 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
         conn.execute(_create_table(entry))
     for table, blocks in tables_data(path, secret=secret):
         entry = by_name[table]
-        copy_in = copy_sql(sql.Identifier(STAGE, entry.table), _column_names(entry), entry.copy_format, "FROM STDIN")
+        copy_in = copy_sql(sql.Identifier(STAGE, entry.table), entry.column_names, entry.copy_format, "FROM STDIN")
         with conn.cursor() as cur, cur.copy(copy_in) as copy:
             for block in blocks:
                 copy.write(block)
     # COPY into a table created in this transaction skips the free space map, so heap order is load order and
     # an exact restore reads back byte for byte; anything else fails the proof (a refusal, never a loss).
     for entry in tables:
-        staged = copy_digest(conn, sql.Identifier(STAGE, entry.table), _column_names(entry), entry.copy_format)
+        staged = copy_digest(conn, sql.Identifier(STAGE, entry.table), entry.column_names, entry.copy_format)
         if staged != (entry.rows, entry.bytes, entry.sha256):
             raise RollbackError(f"{entry.table}: the restored rows do not read back to the backup's SHA-256")
-
-
-def _column_names(entry: TableBackup) -> list[str]:
-    return [c["name"] for c in entry.definition["columns"]]
 
 
 def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, str]:
@@ -201,7 +197,7 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
     if row_checksum(conn, live) == row_checksum(conn, staged):
         conn.execute(sql.SQL("DROP TABLE {}").format(staged))
         return TableRestore(entry.table, "unchanged", entry.rows)
-    columns = sql.SQL(", ").join(sql.Identifier(c["name"]) for c in entry.definition["columns"])
+    columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
     added = _count_except(conn, live, staged, columns)
     missing = _count_except(conn, staged, live, columns)
     saved_name = _saved_name(conn, entry.table)
