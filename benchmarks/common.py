@@ -16,6 +16,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from unified_memory.shapes import LEGACY_TABLES
+
 
 def server_dsn(argv_dsn: str | None) -> str:
     """The server to measure on: --dsn, else UNIFIED_MEMORY_TEST_DSN, else the local PostgreSQL."""
@@ -82,13 +84,15 @@ repair garden plants dog cat school homework kids daughter son partner anniversa
 milk bread eggs cheese apples password never share always before after because although when while since until
 important urgent later maybe often rarely usually should must could would will can not very quite really"""
 
-REALISTIC_PAYLOAD = (
+_REALISTIC_FUNCTIONS = (
     "SELECT setseed(0.17)",
     """CREATE FUNCTION pg_temp.prose(words text[]) RETURNS text LANGUAGE sql VOLATILE AS $$
         SELECT string_agg(words[1 + floor(random() * cardinality(words))::int], ' ')
         FROM generate_series(1, 6 + floor(random() * 70)::int) $$""",
     """CREATE FUNCTION pg_temp.embedding(dim int) RETURNS real[] LANGUAGE sql VOLATILE AS $$
         SELECT array_agg((random() - 0.5)::real) FROM generate_series(1, dim) $$""",
+)
+_REALISTIC_UPDATES = (  # parameters: words, dim, with_vector
     """UPDATE memory_items SET content = pg_temp.prose(%(words)s::text[]),
         embedding = CASE WHEN random() < %(with_vector)s THEN pg_temp.embedding(%(dim)s) END""",
     "UPDATE memory_entries SET content = pg_temp.prose(%(words)s::text[])",
@@ -100,8 +104,10 @@ REALISTIC_PAYLOAD = (
 
 def make_realistic(conn: psycopg.Connection, *, dim: int, with_vector: float = 0.9) -> None:
     """Rewrite the default-shape fixture tables' texts as prose and most memory_items vectors as random floats."""
+    for statement in _REALISTIC_FUNCTIONS:
+        conn.execute(statement)
     params = {"words": _VOCABULARY.split(), "dim": dim, "with_vector": with_vector}
-    for statement in REALISTIC_PAYLOAD:
-        conn.execute(statement, params if "%(" in statement else None)  # type: ignore[arg-type]
-    for table in ("memory_items", "memory_entries", "web_ui_memory_entries", "long_term_memory"):
+    for update in _REALISTIC_UPDATES:
+        conn.execute(update, params)  # type: ignore[arg-type]
+    for table in LEGACY_TABLES:
         conn.execute(sql.SQL("VACUUM FULL ANALYZE {}").format(sql.Identifier(table)))
