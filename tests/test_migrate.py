@@ -257,7 +257,7 @@ def test_a_concurrent_second_run_is_refused(unified: psycopg.Connection, dsn: st
     thread.start()
     assert started.wait(30)
     with pytest.raises(LockBusy, match="another migration is running"):
-        migrate(unified)
+        migrate(unified, lock_wait=0)
     thread.join()
     assert errors == []
 

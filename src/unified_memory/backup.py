@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import __version__
+from . import __version__, locks
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, read_records
 from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
@@ -145,7 +145,8 @@ def snapshot(conn: psycopg.Connection) -> Iterator[None]:
 
 
 def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
-           tables: tuple[str, ...] = LEGACY_TABLES, copy_format: str = COPY_FORMAT) -> BackupManifest:
+           tables: tuple[str, ...] = LEGACY_TABLES, copy_format: str = COPY_FORMAT,
+           lock_wait: float = locks.DEFAULT_WAIT) -> BackupManifest:
     """Write every present legacy table of ``conn``'s database to ``path`` and return the manifest.
 
     ``copy_format`` "text" trades speed for data that other tools (psql's copy) can read.
@@ -158,7 +159,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     started = time.monotonic()
     writer = BackupWriter(path, secret=secret)
     try:
-        with snapshot(conn):
+        with locks.hold(conn, "backup", lock_wait), snapshot(conn):
             manifest = _header(conn, path, encrypted=secret is not None)
             writer.json(b"H", _manifest_dict(manifest))
             for table in (t for t in tables if table_columns(conn, t)):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import psycopg
 import typer
 
-from . import backup, fixtures, logs, report, schema
+from . import backup, fixtures, locks, logs, report, schema
 from .backupfile import load_key
 from .db import DEMO_DATABASE, Target, connect, fresh_database, target_for
 from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
@@ -66,6 +66,7 @@ class Options:
     json: bool
     traceback: bool
     quiet: bool
+    lock_wait: float = locks.DEFAULT_WAIT
 
     def target(self) -> Target:
         return target_for(self.dsn, self.data_dir, quiet=self.quiet or self.json)
@@ -94,8 +95,12 @@ def _global(
     json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     show_traceback: Annotated[bool, typer.Option("--traceback", help="Show the traceback of a failure.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the result, no progress.")] = False,
+    lock_wait: Annotated[float, typer.Option(
+        min=0, max=86400, help="Seconds a command that changes state waits for another one's lock before exit 4.")
+    ] = locks.DEFAULT_WAIT,
 ) -> None:
-    ctx.obj = Options(resolve_dsn(dsn), (data_dir or home_dir()).resolve(), json_output, show_traceback, quiet)
+    ctx.obj = Options(resolve_dsn(dsn), (data_dir or home_dir()).resolve(), json_output, show_traceback, quiet,
+                      lock_wait)
 
 
 def options(ctx: typer.Context, json_flag: bool = False) -> Options:
@@ -148,10 +153,13 @@ def run(ctx: typer.Context, work: Callable[[psycopg.Connection], Any], human: Ca
 @schema_app.command("up")
 def schema_up(ctx: typer.Context,
               target: Annotated[str | None, typer.Option(help="Stop after this version, e.g. 016.")] = None,
-              lock_wait: Annotated[float, typer.Option(help="Seconds to wait for another run's lock.")] = 10.0,
+              lock_wait: Annotated[float | None, typer.Option(
+                  min=0, max=86400, help="Seconds to wait for another run's lock (default: the global --lock-wait).",
+                  show_default=False)] = None,
               json_flag: JsonOpt = False) -> None:
     """Apply every pending schema file, each in one transaction."""
-    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait), report.schema_result, json_flag)
+    wait = options(ctx).lock_wait if lock_wait is None else lock_wait
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=wait), report.schema_result, json_flag)
 
 
 @schema_app.command("down")
@@ -160,7 +168,8 @@ def schema_down(ctx: typer.Context,
                 force: Annotated[bool, typer.Option(help="Drop memories even when it holds rows.")] = False,
                 json_flag: JsonOpt = False) -> None:
     """Undo the newest applied schema files with their down files."""
-    run(ctx, lambda conn: schema.down(conn, steps=steps, force=force), report.schema_result, json_flag)
+    wait = options(ctx).lock_wait
+    run(ctx, lambda conn: schema.down(conn, steps=steps, force=force, lock_wait=wait), report.schema_result, json_flag)
 
 
 @schema_app.command("status")
@@ -222,7 +231,8 @@ def migrate_cmd(
     with failures(opts):
         hook = None if no_backup or dry_run else _backup_hook(opts, key_file)
         with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
-            result = migrate(conn, options_, progress=progress, before_first_write=hook)  # type: ignore[arg-type]
+            result = migrate(conn, options_, progress=progress, before_first_write=hook,  # type: ignore[arg-type]
+                             lock_wait=opts.lock_wait)
         emit(opts, result, report.migration)
 
 
@@ -264,8 +274,8 @@ def backup_cmd(ctx: typer.Context,
     with failures(opts):
         secret = load_key(key_file=key_file)
         path = out.resolve() if out else backup.default_path(backup_dir(opts.data_dir))
-    run(ctx, lambda conn: backup.backup(conn, path, secret=secret, copy_format=copy_format), report.backup_manifest,
-        json_flag)
+    run(ctx, lambda conn: backup.backup(conn, path, secret=secret, copy_format=copy_format, lock_wait=opts.lock_wait),
+        report.backup_manifest, json_flag)
 
 
 @backup_app.command("verify")
@@ -297,7 +307,8 @@ def rollback_cmd(
         secret = load_key(key_file=key_file)
         found = _backup_file(opts, path)
     run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
-                                   discard_new_rows=discard_new_rows), report.rollback_result, json_flag)
+                                   discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait),
+        report.rollback_result, json_flag)
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -410,7 +421,7 @@ def vectors_sync(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECT
     opts = options(ctx, json_flag)
     logs.setup(opts.data_dir)
     with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn, \
-            reporter(not (opts.json or opts.quiet)) as progress:
+            reporter(not (opts.json or opts.quiet)) as progress, locks.hold(conn, "vectors sync", opts.lock_wait):
         result = vectors.sync(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
                               batch_size=batch_size, full=full, progress=progress)  # type: ignore[arg-type]
         emit(opts, result, report.vector_sync)

@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import batchsql
+from . import batchsql, locks
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
-from .errors import ConfigError, LockBusy, MigrationError, SchemaError, translate
+from .errors import ConfigError, MigrationError, SchemaError, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .shapes import Detected, detect
 
 log = logging.getLogger("unified_memory.migrate")
 
-MIGRATE_LOCK = (0x756D, 3)
 _SPLITTABLE = ("22", "23", "P0", "42", "2B", "54")  # data, integrity, raised, undefined, dependency, limits
 
 
@@ -104,13 +103,14 @@ Progress = Callable[[str, int, int], None]  # (table, rows done, rows total)
 
 def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *,
             progress: Progress | None = None,
-            before_first_write: Callable[[psycopg.Connection], object] | None = None) -> MigrationRun:
+            before_first_write: Callable[[psycopg.Connection], object] | None = None,
+            lock_wait: float = locks.DEFAULT_WAIT) -> MigrationRun:
     """Migrate the legacy tables into ``memories`` (or plan it, with ``dry_run``).
 
     ``conn`` must be in autocommit mode: this function owns its transactions (one per batch).
 
     Raises:
-        LockBusy: another migration is running.
+        LockBusy: another migration, a rollback or a schema change still held the lock after ``lock_wait`` s.
         SchemaError: the unified schema is not applied.
         ShapeError: a legacy table has an unknown shape.
         MigrationError: a row could not be given an outcome.
@@ -118,7 +118,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
     opts = options or MigrationOptions()
     _check_options(conn, opts)
     started = time.monotonic()
-    with _lock(conn), maintenance(conn), custom_plans(conn):
+    with locks.hold(conn, "migrate", lock_wait), maintenance(conn), custom_plans(conn):
         detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
         run = MigrationRun("running", opts.dry_run, shapes={t: d.shape if d else None for t, d in detected.items()},
                            options=opts.to_dict())
@@ -350,23 +350,7 @@ def _close_ledger(conn: psycopg.Connection, run: MigrationRun, status: str, erro
         return
     counts = {t: a.to_dict() for t, a in run.accounts.items()}
     conn.execute("UPDATE memory_migration_runs SET status = %s, finished_at = now(), counts = %s, error = %s "
-                 "WHERE run_id = %s", [status, json.dumps(counts), error, run.run_id])
-
-
-class _lock:
-    """The migration's advisory lock: a concurrent run is refused at once."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", MIGRATE_LOCK).fetchone()
-        if not row or not row[0]:
-            raise LockBusy("another migration is running on this database (advisory lock held); try again later")
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.conn.closed and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", MIGRATE_LOCK)
+                 "WHERE run_id = %s AND status <> 'rolled_back'", [status, json.dumps(counts), error, run.run_id])
 
 
 def _check_options(conn: psycopg.Connection, opts: MigrationOptions) -> None:

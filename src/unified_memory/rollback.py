@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import locks
 from .backup import DETERMINISTIC_SESSION, TableBackup, copy_digest, copy_sql, tables_data, verify
 from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, translate
@@ -88,7 +89,7 @@ class RollbackResult:
 
 def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None, dry_run: bool = False,
              yes: bool = False, force: bool = False, discard_new_rows: bool = False,
-             lock_timeout_ms: int = 5000) -> RollbackResult:
+             lock_timeout_ms: int = 5000, lock_wait: float = locks.DEFAULT_WAIT) -> RollbackResult:
     """Restore the legacy tables of the backup at ``path`` and remove the migrated memories.
 
     ``force`` also removes migrated memories changed since the migration (kept and reported otherwise).
@@ -96,6 +97,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     Raises:
         BackupIntegrityError / BackupKeyError: the backup is not intact; the database was not touched.
         RollbackError: refused (no ``yes``) or a restored table does not match its manifest.
+        LockBusy: a migration, backup, schema change or another rollback still held the lock after ``lock_wait``.
     """
     started = time.monotonic()
     manifest = verify(path, secret=secret)
@@ -106,7 +108,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     result = RollbackResult(str(path), dry_run)
     tables = list(manifest.tables.values())
     try:
-        with maintenance(conn), conn.transaction(force_rollback=dry_run):
+        with locks.hold(conn, "rollback", lock_wait), maintenance(conn), conn.transaction(force_rollback=dry_run):
             conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
             conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
             for statement in DETERMINISTIC_SESSION:

@@ -19,12 +19,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from . import sqlfile
+from . import locks, sqlfile
 from .db import relation_exists
 from .errors import LockBusy, SchemaError
 
 TRACKING_TABLE = "unified_memory_schema_migrations"
-SCHEMA_LOCK = (0x756D, 16)  # advisory lock key pair: 'um', migration 016 family
 
 _CREATE_TRACKING = sql.SQL(
     "CREATE TABLE IF NOT EXISTS {} (version TEXT PRIMARY KEY, name TEXT NOT NULL, sha256 CHAR(64) NOT NULL,"
@@ -112,7 +111,7 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
     """
     started = time.monotonic()
     result = SchemaResult("up")
-    with _advisory_lock(conn, lock_wait):
+    with locks.hold(conn, "schema up", lock_wait):
         current = status(conn, directory=directory)
         if current.edited:
             raise SchemaError(f"applied files were edited since: {', '.join(current.edited)}; refusing to run")
@@ -129,7 +128,7 @@ def down(conn: psycopg.Connection, *, directory: Path | None = None, steps: int 
     """Undo the last ``steps`` applied files with their down files, newest first."""
     started = time.monotonic()
     result = SchemaResult("down")
-    with _advisory_lock(conn, lock_wait):
+    with locks.hold(conn, "schema down", lock_wait):
         applied = _applied(conn)
         for mf in [f for f in reversed(discover(directory)) if f.version in applied][:steps]:
             if mf.down_path is None:
@@ -150,27 +149,6 @@ def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
         return {}
     query = sql.SQL("SELECT version, sha256, applied_at::text FROM {}").format(sql.Identifier(TRACKING_TABLE))
     return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
-
-
-class _advisory_lock:
-    """Session advisory lock, polled for ``wait`` seconds, so two runs never interleave."""
-
-    def __init__(self, conn: psycopg.Connection, wait: float) -> None:
-        self.conn, self.wait = conn, wait
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + self.wait
-        while True:
-            row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", SCHEMA_LOCK).fetchone()
-            if row and row[0]:
-                return
-            if time.monotonic() >= deadline:
-                raise LockBusy(f"another schema run holds the lock; waited {self.wait:.0f} s, giving up")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.conn.closed:
-            self.conn.execute("SELECT pg_advisory_unlock(%s, %s)", SCHEMA_LOCK)
 
 
 def _run_with_retries(conn: psycopg.Connection, path: Path, lock_timeout_ms: int, retries: int, *,
