@@ -13,7 +13,7 @@ from unified_memory import fixtures, locks, schema
 from unified_memory.backup import backup, default_path, verify
 from unified_memory.cli import app
 from unified_memory.errors import LockBusy
-from unified_memory.migrate import MigrationOptions, migrate
+from unified_memory.migrate import MigrationOptions, MigrationRun, migrate
 
 
 def _slow_migration(dsn: str, started: threading.Event, outcome: list[object]) -> threading.Thread:
@@ -34,7 +34,7 @@ def test_rollback_during_a_migration_exits_4_and_the_migration_accounts_for_ever
     fixtures.create(unified, rows=150)
     path = default_path(home / "backups")
     backup(unified, path)
-    started, outcome = threading.Event(), []
+    started, outcome = threading.Event(), list[object]()
     thread = _slow_migration(dsn, started, outcome)
     assert started.wait(60)
     refused = CliRunner().invoke(app, ["--dsn", dsn, "--lock-wait", "0.5", "rollback", "--yes", str(path)])
@@ -43,8 +43,8 @@ def test_rollback_during_a_migration_exits_4_and_the_migration_accounts_for_ever
     assert "another migration is running" in refused.output and "unified-memory migrate" in refused.output
     assert "client pid" in refused.output and "since 20" in refused.output
     (run,) = outcome
-    assert not isinstance(run, BaseException), run
-    assert run.status == "succeeded" and run.unaccounted == 0  # type: ignore[union-attr]
+    assert isinstance(run, MigrationRun), run
+    assert run.status == "succeeded" and run.unaccounted == 0
     ledger = unified.execute("SELECT status FROM memory_migration_runs ORDER BY run_id").fetchall()
     assert ledger == [("succeeded",)]
     assert unified.execute("SELECT count(*) FROM memories").fetchone()[0] > 0  # type: ignore[index]
@@ -53,7 +53,7 @@ def test_rollback_during_a_migration_exits_4_and_the_migration_accounts_for_ever
 def test_backups_run_beside_a_migration_but_schema_changes_wait_for_it(
         unified: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
     fixtures.create(unified, rows=150)
-    started, outcome = threading.Event(), []
+    started, outcome = threading.Event(), list[object]()
     thread = _slow_migration(dsn, started, outcome)
     assert started.wait(60)
     with psycopg.connect(dsn, autocommit=True) as second:
