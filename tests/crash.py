@@ -27,7 +27,7 @@ def kill_when(proc: subprocess.Popen[bytes], dsn: str, *, state: str, query_pref
     with psycopg.connect(dsn, autocommit=True) as watcher:
         while time.monotonic() < deadline and proc.poll() is None:
             row = watcher.execute(
-                "SELECT state, query, query_start FROM pg_stat_activity WHERE application_name = 'unified-memory' "
+                "SELECT state, query, query_start FROM pg_stat_activity WHERE application_name LIKE 'unified-memory%%' "
                 "AND datname = current_database() AND pid <> pg_backend_pid()").fetchone()
             if row and row[0] == state and str(row[1]).lstrip().startswith(query_prefix) and row[2] != last_query:
                 seen, last_query = seen + 1, row[2]

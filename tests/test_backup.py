@@ -244,4 +244,4 @@ def test_read_back_digest_is_the_backups_and_sees_one_changed_value(conn: psycop
 
 def test_default_name_follows_the_guide(tmp_path: Path) -> None:
     name = default_path(tmp_path / "backups").name
-    assert re.fullmatch(r"memory_migration_backup_\d{8}_\d{6}\.umbk", name), name
+    assert re.fullmatch(r"memory_migration_backup_\d{8}_\d{6}_\d{6}_[0-9a-f]{8}\.umbk", name), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from . import __version__, locks
-from .backupfile import FORMAT_VERSION, BackupWriter, Record, read_records
+from .backupfile import FORMAT_VERSION, BackupWriter, Record, check_directory, clean_leftovers, read_records
 from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
@@ -120,14 +121,16 @@ class BackupManifest:
 
 
 def default_path(directory: Path, now: datetime | None = None) -> Path:
-    """``memory_migration_backup_YYYYMMDD_HHMMSS.umbk`` (UTC) in ``directory`` (created 0700)."""
+    """``memory_migration_backup_YYYYMMDD_HHMMSS_ffffff_<random>.umbk`` (UTC) in ``directory`` (created 0700).
+
+    The microseconds keep names sortable by time; the random part keeps two backups started in the same
+    microsecond (or on two hosts sharing the directory) apart. The directory must be private (see
+    :func:`check_directory`).
+    """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S")
-    path = directory / f"{BACKUP_PREFIX}{stamp}{BACKUP_SUFFIX}"
-    n = 1
-    while path.exists():
-        path, n = directory / f"{BACKUP_PREFIX}{stamp}_{n}{BACKUP_SUFFIX}", n + 1
-    return path
+    check_directory(directory)
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d_%H%M%S_%f")
+    return directory / f"{BACKUP_PREFIX}{stamp}_{secrets.token_hex(4)}{BACKUP_SUFFIX}"
 
 
 @contextmanager
@@ -157,6 +160,9 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     if copy_format not in COPY_FORMATS:
         raise ConfigError(f"unknown COPY format {copy_format!r}; use one of {', '.join(COPY_FORMATS)}")
     started = time.monotonic()
+    check_directory(path.parent)
+    for name in clean_leftovers(path.parent, BACKUP_PREFIX):
+        log.info("removed the leftover of a killed backup: %s", name)
     writer = BackupWriter(path, secret=secret)
     try:
         with locks.hold(conn, "backup", lock_wait), snapshot(conn):
@@ -175,6 +181,19 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     log.info("backup file=%s tables=%d bytes=%d seconds=%.2f", path.name, len(manifest.tables),
              manifest.file_bytes, manifest.seconds)
     return manifest
+
+
+def read_back(written: BackupManifest, *, secret: bytes | None) -> BackupManifest:
+    """Verify the file just written and that it holds what was written (``migrate`` does so before any change).
+
+    Raises:
+        BackupIntegrityError: the file does not verify, or its tables or checksums differ from ``written``.
+    """
+    found = verify(written.path, secret=secret)
+    expected = {t: (b.rows, b.bytes, b.sha256) for t, b in written.tables.items()}
+    if {t: (b.rows, b.bytes, b.sha256) for t, b in found.tables.items()} != expected:
+        raise BackupIntegrityError(f"{written.path.name} does not read back to what was written; nothing was changed")
+    return found
 
 
 def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupManifest:

@@ -23,9 +23,11 @@ development versions before the tool's first release, had an unframed body witho
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,12 +111,81 @@ def _chunk_aad(header: bytes, counter: int, final: bool) -> bytes:
     return hashlib.sha256(header).digest() + struct.pack(">Q?", counter, final)
 
 
+PARTIAL_SUFFIX = ".partial"
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a backup directory another user could write to or own: they could plant or swap files in it.
+
+    Raises:
+        ConfigError: the directory is missing, a symlink, not a directory, not owned by this user, or group-
+            or world-writable.
+    """
+    try:
+        info = directory.lstat()
+    except OSError as exc:
+        raise ConfigError(f"the backup directory {directory} cannot be used: {exc.strerror}") from exc
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"the backup directory {directory} is a symlink or not a directory; refusing it")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"the backup directory {directory} is owned by uid {info.st_uid}, not by this user "
+                          f"(uid {os.geteuid()}); refusing it: its owner could replace the backups")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"the backup directory {directory} is group- or world-writable (mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}); refusing it: another user could plant files in "
+                          "it. Use a directory of mode 0700")
+
+
+def clean_leftovers(directory: Path, prefix: str) -> list[str]:
+    """Remove the ``.partial`` files of killed writers (no writer holds their lock); never open a symlink.
+
+    A partial file is never read or trusted: it is only ever deleted, and only once no process writes it.
+    """
+    removed = []
+    for path in directory.glob(f".{prefix}*{PARTIAL_SUFFIX}"):
+        try:
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and _in_use(path):
+                continue
+            path.unlink()
+            removed.append(path.name)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it, it is ignored anyway
+            continue
+    return removed
+
+
+def _in_use(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class BackupWriter:
-    """Write records to ``path`` through zstd (and AES-GCM): a temporary name, fsync, rename, mode 0600."""
+    """Write records to ``path`` through zstd (and AES-GCM).
+
+    The temporary ``.partial`` file is created exclusively (O_EXCL|O_NOFOLLOW: a planted file or symlink makes
+    it fail, never redirects it) at 0600 and locked while written; the finished file is hard-linked to its final
+    name, which is never overwritten, after an fsync.
+    """
 
     def __init__(self, path: Path, *, secret: bytes | None, level: int = 3) -> None:
-        self.path, self.partial = path, path.with_name(f".{path.name}.partial")
-        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.path, self.partial = path, path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+        check_directory(path.parent)
+        if os.path.lexists(path):
+            raise ConfigError(f"{path} exists: a backup never overwrites a file; choose another name")
+        try:
+            fd = os.open(self.partial, _CREATE_FLAGS, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {self.partial} exclusively ({exc.strerror}): another writer or a "
+                              "planted file has that name; refusing to write through it") from exc
+        os.fchmod(fd, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # marks it in use for clean_leftovers
         self.raw: IO[bytes] = os.fdopen(fd, "wb", buffering=CHUNK)
         encryption: dict[str, Any] | None = None
         key = None
@@ -143,8 +214,13 @@ class BackupWriter:
         self.sink.close()
         self.raw.flush()
         os.fsync(self.raw.fileno())
-        self.raw.close()
-        os.replace(self.partial, self.path)
+        try:
+            os.link(self.partial, self.path, follow_symlinks=False)
+        except FileExistsError as exc:
+            raise ConfigError(f"{self.path} appeared while the backup was written; it is not overwritten") from exc
+        finally:
+            self.raw.close()
+        self.partial.unlink()
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -240,9 +240,10 @@ def _backup_hook(opts: Options, key_file: Path | None) -> Callable[[psycopg.Conn
     secret = load_key(key_file=key_file)
 
     def take_backup(conn: psycopg.Connection) -> object:
-        manifest = backup.backup(conn, backup.default_path(backup_dir(opts.data_dir)), secret=secret)
+        manifest = backup.read_back(backup.backup(conn, backup.default_path(backup_dir(opts.data_dir)),
+                                                  secret=secret), secret=secret)
         if not (opts.json or opts.quiet):
-            print(f"backup written before the first change: {manifest.path}", file=sys.stderr)
+            print(f"backup written and verified before the first change: {manifest.path}", file=sys.stderr)
         return manifest
 
     return take_backup
