@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from . import __version__, locks
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, check_directory, clean_leftovers, read_records
@@ -96,6 +97,42 @@ class TableBackup:
                    data["copy_format"])
 
 
+_IDENTITY = """
+SELECT current_database() AS database, d.oid::bigint AS database_oid,
+       CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
+            THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system_identifier
+FROM pg_database d WHERE d.datname = current_database()"""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which database a backup comes from: the cluster's system identifier, the database's name and OID."""
+
+    database: str
+    database_oid: int | None = None
+    system_identifier: str | None = None
+
+    def differences(self, here: Identity) -> list[str]:
+        """Why ``here`` is not the database this identity names (empty when it is, as far as both know)."""
+        found = []
+        if self.system_identifier and here.system_identifier and self.system_identifier != here.system_identifier:
+            found.append(f"cluster {self.system_identifier}, not {here.system_identifier}")
+        if self.database_oid is not None and here.database_oid is not None:
+            if self.database_oid != here.database_oid:
+                found.append(f"database OID {self.database_oid}, not {here.database_oid}")
+        elif self.database != here.database:  # an older backup without an OID: its name must match
+            found.append(f"database {self.database!r}, not {here.database!r}")
+        return found
+
+
+def identity(conn: psycopg.Connection) -> Identity:
+    """The identity of ``conn``'s database (the system identifier only where this role may read it)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_IDENTITY).fetchone()
+    assert row is not None
+    return Identity(str(row["database"]), int(row["database_oid"]), row["system_identifier"])
+
+
 @dataclass
 class BackupManifest:
     """What a backup holds: where it came from, and each table with its checksums."""
@@ -111,10 +148,19 @@ class BackupManifest:
     seconds: float = 0.0
     file_bytes: int = 0
     format_version: int = FORMAT_VERSION
+    database_oid: int | None = None
+    system_identifier: str | None = None
+    authenticated: bool = False
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.database, self.database_oid, self.system_identifier)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "format_version": self.format_version, "created_at": self.created_at,
-                "server_version": self.server_version, "database": self.database, "tool_version": self.tool_version,
+                "server_version": self.server_version, "database": self.database,
+                "database_oid": self.database_oid, "system_identifier": self.system_identifier,
+                "authenticated": self.authenticated, "tool_version": self.tool_version,
                 "encrypted": self.encrypted, "unified": self.unified, "file_bytes": self.file_bytes,
                 "seconds": round(self.seconds, 3),
                 "tables": {t: b.summary() for t, b in self.tables.items()}}
@@ -197,16 +243,17 @@ def read_back(written: BackupManifest, *, secret: bytes | None) -> BackupManifes
 
 
 def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupManifest:
-    row = conn.execute("SELECT current_setting('server_version'), current_database()").fetchone()
-    assert row is not None
+    version = str(scalar(conn, "SELECT current_setting('server_version')"))
+    origin = identity(conn)
     unified: dict[str, Any] = {"schema_applied": relation_exists(conn, "memory_migration_runs")}
     if unified["schema_applied"]:
         state = conn.execute(_UNIFIED_STATE).fetchone()
         assert state is not None
         unified.update(memories_with_provenance=int(state[0]), memories=int(state[1]), last_run_id=state[2])
     unified["undo"] = "delete memories by provenance (source_table, source_key); clear quarantine and checkpoints"
-    return BackupManifest(path, datetime.now(UTC).isoformat(), str(row[0]), str(row[1]), __version__, encrypted,
-                          unified)
+    return BackupManifest(path, datetime.now(UTC).isoformat(), version, origin.database, __version__, encrypted,
+                          unified, database_oid=origin.database_oid, system_identifier=origin.system_identifier,
+                          authenticated=encrypted)
 
 
 def definition(conn: psycopg.Connection, table: str) -> dict[str, Any]:
@@ -346,7 +393,8 @@ def manifest_from(path: Path, data: dict[str, Any]) -> BackupManifest:
     """The manifest object of a backup's ``M`` record."""
     manifest = BackupManifest(path, data["created_at"], data["server_version"], data["database"],
                               data["tool_version"], bool(data["encrypted"]), data.get("unified", {}),
-                              format_version=int(data["format_version"]))
+                              format_version=int(data["format_version"]),
+                              database_oid=data.get("database_oid"), system_identifier=data.get("system_identifier"))
     manifest.tables = {t: TableBackup.from_dict(b) for t, b in data["tables"].items()}
     return manifest
 

@@ -298,6 +298,8 @@ def rollback_cmd(
     force: Annotated[bool, typer.Option(help="Also remove migrated memories changed since the migration.")] = False,
     discard_new_rows: Annotated[bool, typer.Option(
         help="Do not carry over legacy rows added after the backup (the old table is saved aside anyway).")] = False,
+    into_other_database: Annotated[bool, typer.Option(
+        help="Restore a backup taken of another database (cluster or database OID differ) on purpose.")] = False,
     key_file: KeyFileOpt = None,
     json_flag: JsonOpt = False,
 ) -> None:
@@ -308,7 +310,8 @@ def rollback_cmd(
         secret = load_key(key_file=key_file)
         found = _backup_file(opts, path)
     run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
-                                   discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait),
+                                   discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait,
+                                   into_other_database=into_other_database),
         report.rollback_result, json_flag)
 
 

@@ -68,7 +68,10 @@ def backup_manifest(manifest: BackupManifest, *, done: str = "written") -> str:
     lines = [f"backup {manifest.path} ({manifest.file_bytes:,} bytes, "
              f"{'encrypted' if manifest.encrypted else 'not encrypted'}, format {manifest.format_version}), "
              f"{done} in {manifest.seconds:.2f} s",
-             f"from {manifest.database} on PostgreSQL {manifest.server_version} at {manifest.created_at}", ""]
+             f"from {manifest.database} (OID {manifest.database_oid or '?'}, cluster "
+             f"{manifest.system_identifier or '?'}) on PostgreSQL {manifest.server_version} at {manifest.created_at}",
+             "authenticated (sealed with the key: AES-256-GCM)" if manifest.authenticated
+             else "NOT authenticated: anyone who could write the file could have changed it consistently", ""]
     rows = [[t, b.rows, f"{b.bytes:,}", b.copy_format, b.sha256[:16]] for t, b in manifest.tables.items()]
     lines.append(_table(["table", "rows", "data bytes", "COPY format", "sha256"], rows))
     return "\n".join(lines)

@@ -22,7 +22,16 @@ import psycopg
 from psycopg import sql
 
 from . import locks
-from .backup import DETERMINISTIC_SESSION, TableBackup, copy_digest, copy_sql, tables_data, verify
+from .backup import (
+    DETERMINISTIC_SESSION,
+    BackupManifest,
+    TableBackup,
+    copy_digest,
+    copy_sql,
+    identity,
+    tables_data,
+    verify,
+)
 from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, translate
 
@@ -89,10 +98,13 @@ class RollbackResult:
 
 def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None, dry_run: bool = False,
              yes: bool = False, force: bool = False, discard_new_rows: bool = False,
-             lock_timeout_ms: int = 5000, lock_wait: float = locks.DEFAULT_WAIT) -> RollbackResult:
+             lock_timeout_ms: int = 5000, lock_wait: float = locks.DEFAULT_WAIT,
+             into_other_database: bool = False) -> RollbackResult:
     """Restore the legacy tables of the backup at ``path`` and remove the migrated memories.
 
     ``force`` also removes migrated memories changed since the migration (kept and reported otherwise).
+    A backup of another database (cluster system identifier, database OID) is refused unless
+    ``into_other_database``.
 
     Raises:
         BackupIntegrityError / BackupKeyError: the backup is not intact; the database was not touched.
@@ -105,6 +117,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
         raise RollbackError("the rollback changes the database: pass --yes to proceed, or --dry-run for the plan")
     if not conn.autocommit:
         raise RollbackError("rollback needs an autocommit connection: it owns its transaction")
+    _check_identity(conn, manifest, into_other_database)
     result = RollbackResult(str(path), dry_run)
     tables = list(manifest.tables.values())
     try:
@@ -127,6 +140,17 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     log.info("rollback dry_run=%s tables=%d memories_removed=%d kept_changed=%d", dry_run, len(tables),
              result.memories_removed, result.memories_kept_changed)
     return result
+
+
+def _check_identity(conn: psycopg.Connection, manifest: BackupManifest, into_other_database: bool) -> None:
+    here = identity(conn)
+    differences = manifest.identity.differences(here)
+    if differences and not into_other_database:
+        raise RollbackError(f"this backup is of another database ({'; '.join(differences)}): refusing to restore "
+                            f"it into {here.database!r}; nothing was changed. Pass --into-other-database to do so "
+                            "on purpose")
+    if differences:
+        log.warning("restoring a backup of another database on purpose: %s", "; ".join(differences))
 
 
 def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secret: bytes | None) -> None:
