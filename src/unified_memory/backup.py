@@ -51,7 +51,8 @@ DETERMINISTIC_SESSION = (
 )
 
 _COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
+       a.atttypid::regtype::text, a.atttypmod
 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
 _CONSTRAINTS = """
@@ -257,12 +258,13 @@ def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupM
 
 
 def definition(conn: psycopg.Connection, table: str) -> dict[str, Any]:
-    """Columns (name, type, not null, default), constraints and indexes of ``table``."""
+    """Columns (name, type, not null, default; the type also as base name and modifier, which the restore has
+    the server resolve), constraints and indexes of ``table``."""
     name = sql.Identifier(table).as_string(conn)
     return {
         "schema": str(scalar(conn, "SELECT current_schema()")),
-        "columns": [{"name": n, "type": t, "not_null": nn, "default": d}
-                    for n, t, nn, d in conn.execute(_COLUMNS, [name])],
+        "columns": [{"name": n, "type": t, "not_null": nn, "default": d, "type_name": tn, "typmod": tm}
+                    for n, t, nn, d, tn, tm in conn.execute(_COLUMNS, [name])],
         "constraints": [{"name": n, "type": t, "definition": d} for n, t, d in conn.execute(_CONSTRAINTS, [name])],
         "indexes": [{"name": n, "definition": d} for n, d in conn.execute(_INDEXES, [name])],
     }
@@ -333,7 +335,8 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
     opened: dict[str, _TableCheck] = {}
     seen: dict[str, TableBackup] = {}
     final: dict[str, Any] | None = None
-    for current, record in _by_table(read_records(path, secret=secret)):
+    header: dict[str, Any] = {}
+    for current, record in _by_table(read_records(path, secret=secret, header_out=header)):
         if final is not None:
             raise BackupIntegrityError("the backup has records after its manifest")
         if record.kind == b"T":
@@ -355,6 +358,7 @@ def verify(path: Path, *, secret: bytes | None = None) -> BackupManifest:
     if final is None:
         raise BackupIntegrityError("the backup is incomplete: it has no manifest (interrupted or truncated)")
     manifest = manifest_from(path, final)
+    manifest.encrypted = manifest.authenticated = header.get("encryption") is not None  # the file's, not its claim
     if set(manifest.tables) != set(seen):
         raise BackupIntegrityError("the manifest and the tables in the file disagree")
     for table, entry in manifest.tables.items():

@@ -254,6 +254,10 @@ class _FramedSource:
     def __init__(self, raw: IO[bytes], header: bytes, encryption: dict[str, Any] | None, secret: bytes | None):
         self.raw, self.header, self.counter, self.done = raw, header, 0, False
         self.aead: AESGCM | None = None
+        if encryption is None and secret is not None:
+            raise BackupIntegrityError("this backup is not authenticated (written without a key), and a key is "
+                                       "configured: refusing it, since anyone who could write the file could have "
+                                       "changed it consistently. Unset the key to read it anyway")
         if encryption is not None:
             if secret is None:
                 raise BackupKeyError(f"this backup is encrypted: set {KEY_ENV} or pass --key-file")
@@ -317,8 +321,11 @@ class _ChunkReader:
         return bytes(out)
 
 
-def read_records(path: Path, *, secret: bytes | None) -> Iterator[Record]:
-    """Every record of the backup at ``path``, in order.
+def read_records(path: Path, *, secret: bytes | None,
+                 header_out: dict[str, Any] | None = None) -> Iterator[Record]:
+    """Every record of the backup at ``path``, in order; ``header_out`` (when given) receives the file's header.
+
+    With a ``secret``, only an authenticated (encrypted) file is read.
 
     Raises:
         BackupIntegrityError: the file is not a backup, is truncated, or was altered.
@@ -338,8 +345,10 @@ def read_records(path: Path, *, secret: bytes | None) -> Iterator[Record]:
             info = json.loads(header)
         except ValueError as exc:
             raise BackupIntegrityError("the backup's header is damaged") from exc
-        if info.get("format") != FORMAT_VERSION:
-            raise BackupIntegrityError(f"unknown backup format {info.get('format')!r}")
+        if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+            raise BackupIntegrityError("unknown backup format (the header names no known format version)")
+        if header_out is not None:
+            header_out.update(info)
         source = _FramedSource(raw, header, info.get("encryption"), secret)
         yield from _records(_decompressed(source.chunks()))
 

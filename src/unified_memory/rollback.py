@@ -12,7 +12,6 @@ as it was. A dry run is the same transaction, rolled back.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import locks
+from . import locks, restore
 from .backup import (
     DETERMINISTIC_SESSION,
     BackupManifest,
@@ -39,8 +38,6 @@ log = logging.getLogger("unified_memory.rollback")
 
 STAGE = "unified_memory_rollback_stage"
 SAVED = "unified_memory_rollback_saved"
-_TYPE = re.compile(r"^[a-z][a-z0-9_ ]*(\(\d+(,\s*\d+)?\))?( with(out)? time zone)?(\[\])*$")
-_INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX [a-z0-9_\"]+ ON [a-z0-9_\".]+ USING ", re.IGNORECASE)
 
 # count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
 ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
@@ -158,14 +155,15 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
     if conn.execute("SELECT to_regnamespace(%s)", [STAGE]).fetchone() != (None,):
         raise RollbackError(f"schema {STAGE} exists: another rollback left it; inspect and drop it first")
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(STAGE)))
+    restore.prepare(conn, STAGE)
     by_name = {entry.table: entry for entry in tables}
     for entry in tables:
         _ensure_types(conn, entry)
-        conn.execute(_create_table(entry))
+        restore.create_table(conn, sql.Identifier(STAGE, entry.table), entry.definition["columns"])
     for table, blocks in tables_data(path, secret=secret):
         entry = by_name[table]
         copy_in = copy_sql(sql.Identifier(STAGE, entry.table), entry.column_names, entry.copy_format, "FROM STDIN")
-        with conn.cursor() as cur, cur.copy(copy_in) as copy:
+        with restore.restricted(conn), conn.cursor() as cur, cur.copy(copy_in) as copy:
             for block in blocks:
                 copy.write(block)
     # COPY into a table created in this transaction skips the free space map, so heap order is load order and
@@ -181,27 +179,6 @@ def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, 
     row = conn.execute(sql.SQL(ROW_CHECKSUM).format(table)).fetchone()
     assert row is not None
     return int(row[0]), str(row[1])
-
-
-def _create_table(entry: TableBackup) -> sql.Composed:
-    parts = []
-    for column in entry.definition["columns"]:
-        if not _TYPE.match(column["type"]):
-            raise RollbackError(f"{entry.table}.{column['name']}: unexpected type {column['type']!r} in the backup")
-        piece = sql.SQL("{} {}").format(sql.Identifier(column["name"]), sql.SQL(column["type"]))
-        if column["default"] is not None:
-            piece = sql.SQL("{} DEFAULT {}").format(piece, sql.SQL(_fragment(column["default"])))
-        if column["not_null"]:
-            piece = sql.SQL("{} NOT NULL").format(piece)
-        parts.append(piece)
-    return sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(STAGE, entry.table), sql.SQL(", ").join(parts))
-
-
-def _fragment(text: str) -> str:
-    """A default, constraint or index definition read back from a verified backup: one expression only."""
-    if ";" in text.replace("';'", ""):
-        raise RollbackError("the backup holds a definition with a statement separator; refusing it")
-    return text
 
 
 def _ensure_types(conn: psycopg.Connection, entry: TableBackup) -> None:
@@ -253,14 +230,9 @@ def _saved_name(conn: psycopg.Connection, table: str) -> str:
 
 
 def _add_constraints_and_indexes(conn: psycopg.Connection, entry: TableBackup) -> None:
-    live = sql.Identifier(entry.table)
-    for constraint in entry.definition["constraints"]:
-        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-            live, sql.Identifier(constraint["name"]), sql.SQL(_fragment(constraint["definition"]))))
-    for index in entry.definition["indexes"]:
-        if not _INDEX.match(index["definition"]):
-            raise RollbackError(f"{entry.table}: unexpected index definition in the backup")
-        conn.execute(sql.SQL(_fragment(index["definition"])))
+    live, owner = sql.Identifier(entry.table), str(scalar(conn, "SELECT current_user"))
+    restore.add_constraints_and_indexes(conn, live, entry.definition)
+    restore.prove_and_hand_over(conn, live, entry.definition["columns"], entry.definition, owner=owner)
 
 
 def _undo_unified_side(conn: psycopg.Connection, result: RollbackResult, tables: list[str], *, force: bool) -> None:
