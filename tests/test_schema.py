@@ -10,8 +10,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from catalog import snapshot
+from typer.testing import CliRunner
 
 from unified_memory import fixtures, schema
+from unified_memory.cli import app
 from unified_memory.errors import LockBusy, SchemaError
 
 SHAPES = [
@@ -96,7 +98,7 @@ def test_up_then_down_leaves_the_catalog_as_it_was(conn: psycopg.Connection, sha
 def test_down_refuses_to_drop_memories_with_rows_unless_forced(unified: psycopg.Connection) -> None:
     unified.execute("INSERT INTO memories (user_id, text) VALUES ('u', 'keep me')")
     schema.down(unified, steps=len(schema.discover()) - 1)  # every file after 016: no memories dropped
-    with pytest.raises(SchemaError, match="memories holds rows"):
+    with pytest.raises(SchemaError, match=r"memories \(1 rows: memories"):
         schema.down(unified, steps=1)
     assert unified.execute("SELECT count(*) FROM memories").fetchone() == (1,)
     schema.down(unified, steps=1, force=True)
@@ -231,3 +233,25 @@ def test_lock_timeout_is_retried_then_reported(dsn: str, tmp_path: Path) -> None
             with pytest.raises(LockBusy, match="stayed locked"):
                 schema.up(runner, directory=tmp_path, lock_timeout_ms=50, retries=2)
         assert schema.up(runner, directory=tmp_path, lock_timeout_ms=50, retries=2).files == ["001_alter.sql"]
+
+
+def test_down_refuses_to_drop_the_migrations_bookkeeping_with_rows_naming_what_would_be_lost(
+        dsn: str, unified: psycopg.Connection) -> None:
+    fixtures.create(unified, rows=60)
+    unified.execute("INSERT INTO memory_items (id, content, scope, kind) VALUES (gen_random_uuid(), 'x', 'convo:1', "
+                    "'fact')")  # no owner: quarantined
+    from unified_memory.migrate import migrate
+
+    migrate(unified)
+    before = snapshot(unified)
+    result = CliRunner().invoke(app, ["--dsn", dsn, "schema", "down", "--steps", str(len(schema.discover()) - 1)])
+    assert result.exit_code == 5, result.output
+    for table, what in [("memory_migration_quarantine", "quarantined legacy rows"),
+                        ("memory_migration_runs", "the migration's run ledger"),
+                        ("memory_legacy_embeddings", "kept legacy vectors")]:
+        assert f"{table} (" in result.output and what in result.output
+    assert snapshot(unified) == before
+    forced = CliRunner().invoke(app, ["--dsn", dsn, "schema", "down", "--force", "--steps",
+                                      str(len(schema.discover()) - 1)])
+    assert forced.exit_code == 0, forced.output
+    assert unified.execute("SELECT to_regclass('memory_migration_runs')").fetchone() == (None,)

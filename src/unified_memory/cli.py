@@ -165,7 +165,9 @@ def schema_up(ctx: typer.Context,
 @schema_app.command("down")
 def schema_down(ctx: typer.Context,
                 steps: Annotated[int, typer.Option(help="How many applied files to undo, newest first.")] = 1,
-                force: Annotated[bool, typer.Option(help="Drop memories even when it holds rows.")] = False,
+                force: Annotated[bool, typer.Option(
+                    help="Drop tables even when they hold rows (memories, the quarantine, kept vectors, the "
+                         "ledger); without it, such a down is refused and names them.")] = False,
                 json_flag: JsonOpt = False) -> None:
     """Undo the newest applied schema files with their down files."""
     wait = options(ctx).lock_wait

@@ -11,6 +11,7 @@ Files live in ``migrations/postgres`` as ``NNN_name.sql`` with an optional ``NNN
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from . import locks, sqlfile
-from .db import relation_exists
+from .db import relation_exists, scalar
 from .errors import LockBusy, SchemaError
 
 TRACKING_TABLE = "unified_memory_schema_migrations"
@@ -130,13 +131,58 @@ def down(conn: psycopg.Connection, *, directory: Path | None = None, steps: int 
     result = SchemaResult("down")
     with locks.hold(conn, "schema down", lock_wait):
         applied = _applied(conn)
-        for mf in [f for f in reversed(discover(directory)) if f.version in applied][:steps]:
+        undo = [f for f in reversed(discover(directory)) if f.version in applied][:steps]
+        if not force:
+            _refuse_data_loss(conn, undo)
+        for mf in undo:
             if mf.down_path is None:
                 raise SchemaError(f"{mf.path.name} has no down file", file=mf.path.name)
             _run_with_retries(conn, mf.down_path, lock_timeout_ms, retries, forget=mf, force=force)
             result.files.append(mf.down_path.name)
     result.seconds = time.monotonic() - started
     return result
+
+
+_DROP_TABLE = re.compile(r"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(.+?)(?:\s+(?:CASCADE|RESTRICT))?\s*;?\s*$",
+                         re.IGNORECASE | re.DOTALL)
+_WHAT = {"memories": "memories", "memory_access_log": "the access audit log",
+         "memory_relationships": "memory relationships", "memory_migration_quarantine": "quarantined legacy rows",
+         "memory_legacy_embeddings": "kept legacy vectors", "memory_migration_runs": "the migration's run ledger",
+         "memory_migration_checkpoints": "the migration's checkpoints"}
+_RELATION = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(%s) AND c.relkind IN ('r', 'p')"""
+
+
+def _refuse_data_loss(conn: psycopg.Connection, files: list[MigrationFile]) -> None:
+    """Refuse to run down files that would drop tables holding rows, naming each table and what it holds."""
+    losses = []
+    for mf in files:
+        for name in _dropped_tables(mf):
+            found = conn.execute(_RELATION, [name]).fetchone()
+            if found is None:
+                continue
+            rows = int(scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1000000) r").format(
+                sql.Identifier(found[0], found[1]))))
+            if rows:
+                shown = f"{rows:,}" if rows < 1000000 else "1,000,000 or more"
+                losses.append(f"{found[1]} ({shown} rows: {_WHAT.get(found[1], 'data')}, by {mf.down_path.name})"
+                              if mf.down_path else found[1])
+    if losses:
+        raise SchemaError("schema down would drop tables that hold rows: " + "; ".join(losses)
+                          + ". Nothing was changed; back them up, or pass --force to drop them")
+
+
+def _dropped_tables(mf: MigrationFile) -> list[str]:
+    if mf.down_path is None:
+        return []
+    names: list[str] = []
+    for statement in sqlfile.split(mf.down_path.read_text(encoding="utf-8")):
+        text = "\n".join(line for line in statement.sql.splitlines() if not line.lstrip().startswith("--")).strip()
+        match = _DROP_TABLE.match(text)
+        if match:
+            names.extend(n.strip() for n in match.group(1).split(","))
+    return names
 
 
 def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaResult:
