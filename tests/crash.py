@@ -22,18 +22,21 @@ def kill_when(proc: subprocess.Popen[bytes], dsn: str, *, state: str, query_pref
               nth: int = 1, timeout: float = 60.0) -> bool:
     """SIGKILL ``proc`` the ``nth`` time its backend is seen in ``state`` running a query starting with
     ``query_prefix``; False when the process ended first."""
-    seen, last_query = 0, None
+    seen, last_query = 0, {}
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as watcher:
         while time.monotonic() < deadline and proc.poll() is None:
-            row = watcher.execute(
-                "SELECT state, query, query_start FROM pg_stat_activity WHERE application_name LIKE 'unified-memory%%' "
-                "AND datname = current_database() AND pid <> pg_backend_pid()").fetchone()
-            if row and row[0] == state and str(row[1]).lstrip().startswith(query_prefix) and row[2] != last_query:
-                seen, last_query = seen + 1, row[2]
-                if seen >= nth:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return True
+            rows = watcher.execute(  # every connection of the tool (``--jobs`` opens several)
+                "SELECT pid, state, query, query_start FROM pg_stat_activity "
+                "WHERE application_name LIKE 'unified-memory%%' "
+                "AND datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+            for pid, row_state, query, started in rows:
+                fresh = last_query.get(pid) != started
+                if row_state == state and str(query).lstrip().startswith(query_prefix) and fresh:
+                    seen, last_query[pid] = seen + 1, started
+            if seen >= nth:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
             time.sleep(0.002)
     return False

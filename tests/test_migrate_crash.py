@@ -57,3 +57,31 @@ def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(new_database: C
         statuses = [r[0] for r in conn.execute("SELECT status FROM memory_migration_runs ORDER BY run_id")]
         assert statuses[-1] == "succeeded" and statuses.count("interrupted") >= 3
         assert conn.execute("SELECT count(*) FROM memory_migration_deferred_indexes").fetchone() == (0,)
+
+
+@pytest.mark.slow
+def test_sigkill_with_two_jobs_then_rerun_equals_an_uninterrupted_run(new_database: Callable[[], str]) -> None:
+    """Two connections migrate key ranges of each table at once; kills land inside their batches."""
+    reference, crashed = new_database(), new_database()
+    _prepared(reference)
+    _prepared(crashed)
+    with psycopg.connect(reference, autocommit=True) as conn:
+        migrate(conn, MigrationOptions(batch_size=150, jobs=1))
+        expected = conn.execute(STATE).fetchone()
+
+    args = ["--dsn", crashed, "-q", "migrate", "--no-backup", "--batch-size", "150", "--jobs", "2"]
+    killed = 0
+    for nth in (2, 5, 3):
+        proc = spawn([*args, "--pause-ms", "30"])
+        killed += kill_when(proc, crashed, state="active", query_prefix="WITH", nth=nth)
+    assert killed >= 2, "the kills should land before the run completes"
+    with psycopg.connect(crashed, autocommit=True) as conn:
+        used = conn.execute("SELECT count(*) FROM memory_migration_ranges").fetchone()
+    final = spawn(args)
+    assert final.wait(180) == 0, final.stderr.read().decode() if final.stderr else ""
+    with psycopg.connect(crashed, autocommit=True) as conn:
+        assert conn.execute(STATE).fetchone() == expected
+        assert conn.execute("SELECT count(*) FROM memory_migration_ranges").fetchone() == (0,)
+        statuses = [r[0] for r in conn.execute("SELECT status FROM memory_migration_runs ORDER BY run_id")]
+        assert statuses[-1] == "succeeded"
+    assert used is not None and used[0] >= 2, "the killed runs had split a table into ranges"

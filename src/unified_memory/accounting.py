@@ -65,7 +65,7 @@ _OUTCOMES = sql.SQL(
 
 _LONG_TERM_ITEMS = sql.SQL(
     "SELECT count(*), coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) "
-    "FROM (SELECT s.ctid::text AS row_key, memory_migration_try_jsonb(s.memory_json) AS doc FROM {table} s) d "
+    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s) d "
     "WHERE doc IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine q "
     "WHERE q.source_table = 'long_term_memory' AND q.source_key = d.row_key) "
     "AND (jsonb_typeof(doc) IN ('array', 'object', 'string')) "

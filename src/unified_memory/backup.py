@@ -274,8 +274,10 @@ def copy_sql(table: sql.Composable, columns: list[str], copy_format: str, direct
     """``COPY table (columns) TO STDOUT`` or ``FROM STDIN`` in ``copy_format``, every name quoted."""
     if copy_format not in COPY_FORMATS or direction not in ("TO STDOUT", "FROM STDIN"):
         raise ValueError(f"unsupported COPY {direction} format {copy_format!r}")
-    return sql.SQL("COPY {} ({}) {} (FORMAT {})").format(
-        table, sql.SQL(", ").join(map(sql.Identifier, columns)), sql.SQL(direction), sql.SQL(copy_format))
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    if direction == "TO STDOUT":  # a query, so that views and partitioned tables are read like tables
+        return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT {})").format(names, table, sql.SQL(copy_format))
+    return sql.SQL("COPY {} ({}) {} (FORMAT {})").format(table, names, sql.SQL(direction), sql.SQL(copy_format))
 
 
 def copy_digest(conn: psycopg.Connection, table: sql.Composable, columns: list[str], copy_format: str,

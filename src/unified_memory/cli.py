@@ -212,7 +212,7 @@ def legacy_create(ctx: typer.Context,
 def migrate_cmd(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: the real path, rolled back.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch (one transaction each).")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="Rows per batch (one transaction each).")] = 20000,
     max_batch_bytes: Annotated[int, typer.Option(help="Bytes per batch at most (large texts).")] = 32 << 20,
     tables: Annotated[list[str] | None, typer.Option("--tables", help="Only these legacy tables (repeatable); "
                                                      "precedence order stays fixed.")] = None,
@@ -221,6 +221,8 @@ def migrate_cmd(
                                              "legacy created_at (old rows may arrive expired).")] = "arrival",
     pause_ms: Annotated[int, typer.Option(help="Pause between batches, to throttle during busy hours.")] = 0,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the backup before the first write.")] = False,
+    jobs: Annotated[int, typer.Option(help="Parallel connections (key ranges, index builds); 0: the server's "
+                                           "core count as far as it can tell, capped at 16.")] = 0,
     key_file: KeyFileOpt = None,
     json_flag: JsonOpt = False,
 ) -> None:
@@ -228,7 +230,8 @@ def migrate_cmd(
     opts = options(ctx, json_flag)
     options_ = MigrationOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes,
                                 tables=tuple(tables) if tables else MigrationOptions().tables,
-                                source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run)
+                                source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run,
+                                jobs=jobs)
     logs.setup(opts.data_dir)
     with failures(opts):
         hook = None if no_backup or dry_run else _backup_hook(opts, key_file)

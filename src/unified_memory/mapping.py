@@ -322,7 +322,8 @@ _LONG_TERM = TableMapping(
     meta="(CASE WHEN jsonb_typeof(s.item) = 'object' THEN s.item -> 'metadata' END)",
     legacy={"row": "s.row_key", "item_index": "s.item_index",
             "item": "CASE WHEN jsonb_typeof(s.item) = 'object' THEN s.item - 'content' - 'tags' - 'metadata' END",
-            "created_at": "CASE WHEN s.item ? 'created_at' THEN s.item -> 'created_at' END"},
+            "created_at": "CASE WHEN s.item ? 'created_at' THEN s.item -> 'created_at' END",
+            "json_nul_replaced": "CASE WHEN s.nul_replaced THEN true END"},  # a \u0000 escape became \ufffd
     quarantine=(
         ("item_null", "jsonb_typeof(s.item) = 'null'"),
         ("item_nested_array", "jsonb_typeof(s.item) = 'array'"),
@@ -337,7 +338,7 @@ _LONG_TERM = TableMapping(
 
 # Row-level outcomes of long_term_memory, before its items are expanded (first match wins).
 LONG_TERM_ROW_QUARANTINE: tuple[tuple[str, str], ...] = (
-    ("null_value", "r.memory_json IS NULL"),
+    ("null_value", "r.json_missing"),
     ("invalid_json", "r.doc IS NULL"),
     ("json_null", "jsonb_typeof(r.doc) = 'null'"),
     ("scalar_json", "jsonb_typeof(r.doc) IN ('number', 'boolean')"),

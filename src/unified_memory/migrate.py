@@ -11,19 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
-from . import batchsql, locks
+from . import batchsql, locks, ranges
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, MigrationError, SchemaError, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
-from .shapes import Detected, detect
+from .parallel import MAX_JOBS, WORK_MEM, Phases, Workers, default_jobs, server_cores
+from .shapes import Detected, check_relation, detect
 
 log = logging.getLogger("unified_memory.migrate")
 
@@ -32,9 +36,9 @@ _SPLITTABLE = ("22", "23", "P0", "42", "2B", "54")  # data, integrity, raised, u
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    """How to run: batch bounds, tables, time zone, expiry policy, throttle, dry run."""
+    """How to run: batch bounds, tables, time zone, expiry policy, throttle, dry run, parallel connections."""
 
-    batch_size: int = 5000
+    batch_size: int = 20000
     max_batch_bytes: int = 32 * 1024 * 1024
     tables: tuple[str, ...] = PRECEDENCE
     source_timezone: str = "UTC"
@@ -42,11 +46,12 @@ class MigrationOptions:
     pause_ms: int = 0
     dry_run: bool = False
     defer_indexes: bool = True
+    jobs: int = 0  # parallel connections; 0: the server's core count as far as it can tell (capped)
 
     def to_dict(self) -> dict[str, object]:
         return {"batch_size": self.batch_size, "max_batch_bytes": self.max_batch_bytes, "tables": list(self.tables),
                 "source_timezone": self.source_timezone, "expiry": self.expiry, "pause_ms": self.pause_ms,
-                "dry_run": self.dry_run}
+                "dry_run": self.dry_run, "defer_indexes": self.defer_indexes, "jobs": self.jobs}
 
 
 @dataclass
@@ -61,11 +66,17 @@ class TableRun:
     vectors: int = 0
     isolated: int = 0  # rows found by splitting a failed batch
     seconds: float = 0.0
+    ranges: int = 0  # key ranges of this pass (one connection each at a time)
+
+    def add(self, other: TableRun) -> None:
+        self.batches, self.rows = self.batches + other.batches, self.rows + other.rows
+        self.migrated, self.vectors = self.migrated + other.migrated, self.vectors + other.vectors
+        self.isolated += other.isolated
 
 
 @dataclass
 class MigrationRun:
-    """The result of ``migrate``: per-table run figures and outcome accounts."""
+    """The result of ``migrate``: per-table run figures, outcome accounts, and seconds per phase."""
 
     status: str
     dry_run: bool
@@ -76,6 +87,7 @@ class MigrationRun:
     rebuilt_indexes: int = 0
     seconds: float = 0.0
     options: dict[str, object] = field(default_factory=dict)
+    phases: Phases = field(default_factory=Phases)
 
     @property
     def unaccounted(self) -> int:
@@ -87,7 +99,7 @@ class MigrationRun:
             "seconds": round(self.seconds, 3), "options": self.options, "rebuilt_indexes": self.rebuilt_indexes,
             "tables": {t: {**self.accounts[t].to_dict(), "this_run": _run_dict(r)} if t in self.accounts
                        else {"this_run": _run_dict(r)} for t, r in self.tables.items()},
-            "unaccounted": self.unaccounted,
+            "unaccounted": self.unaccounted, "phases": self.phases.to_dict(),
         }
 
 
@@ -95,7 +107,7 @@ def _run_dict(r: TableRun) -> dict[str, object]:
     rate = r.rows / r.seconds if r.seconds else 0.0
     return {"pending_before": r.pending_before, "batches": r.batches, "rows": r.rows, "migrated": r.migrated,
             "vectors": r.vectors, "isolated_by_split": r.isolated, "seconds": round(r.seconds, 3),
-            "rows_per_second": round(rate, 1)}
+            "rows_per_second": round(rate, 1), "ranges": r.ranges}
 
 
 Progress = Callable[[str, int, int], None]  # (table, rows done, rows total)
@@ -107,55 +119,66 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
             lock_wait: float = locks.DEFAULT_WAIT) -> MigrationRun:
     """Migrate the legacy tables into ``memories`` (or plan it, with ``dry_run``).
 
-    ``conn`` must be in autocommit mode: this function owns its transactions (one per batch).
+    ``conn`` must be in autocommit mode: this function owns its transactions (one per batch). With
+    ``jobs`` > 1 it opens that many more connections like ``conn`` for key ranges and index builds.
 
     Raises:
         LockBusy: another migration, a rollback or a schema change still held the lock after ``lock_wait`` s.
         SchemaError: the unified schema is not applied.
-        ShapeError: a legacy table has an unknown shape.
+        ShapeError: a legacy table has an unknown shape, or is a relation the migration cannot key.
         MigrationError: a row could not be given an outcome.
     """
     opts = options or MigrationOptions()
     _check_options(conn, opts)
     started = time.monotonic()
-    with locks.hold(conn, "migrate", lock_wait), maintenance(conn), custom_plans(conn):
-        detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
-        run = MigrationRun("running", opts.dry_run, shapes={t: d.shape if d else None for t, d in detected.items()},
-                           options=opts.to_dict())
-        present = {t: d for t, d in detected.items() if d is not None}
+    with locks.hold(conn, "migrate", lock_wait), maintenance(conn), custom_plans(conn), _session(conn):
+        jobs = 1 if opts.dry_run else (opts.jobs or default_jobs(conn))
+        opts = replace(opts, jobs=jobs)
+        run = MigrationRun("running", opts.dry_run, options=opts.to_dict())
+        with run.phases.timed("detect"):
+            detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
+            run.shapes = {t: d.shape if d else None for t, d in detected.items()}
+            present = {t: d for t, d in detected.items() if d is not None}
+            for relation in present.values():
+                check_relation(conn, relation)
         for table, found in detected.items():
             log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
-        pending = {t: _pending(conn, mapping_for(t, d.shape)) for t, d in present.items()}
-        deferred_left = _deferred_count(conn)
-        if not opts.dry_run and not any(pending.values()) and not deferred_left:
-            run.status = "nothing_to_do"
-            run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
-            run.seconds = time.monotonic() - started
-            log.info("nothing to do: every legacy row already has an outcome")
-            return run
-        if opts.dry_run:
-            with conn.transaction(force_rollback=True):
-                _migrate_tables(conn, run, present, pending, opts, progress)
-                run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
-            run.status = "planned"
-        else:
-            if before_first_write is not None and any(pending.values()):
-                before_first_write(conn)
-            _real_run(conn, run, present, pending, opts, progress)
+        with run.phases.timed("pending"):
+            pending = {t: _pending(conn, mapping_for(t, d.shape)) for t, d in present.items()}
+            deferred_left = _deferred_count(conn)
+        with Workers(conn, jobs) as workers:
+            if not opts.dry_run and not any(pending.values()) and not deferred_left:
+                run.status = "nothing_to_do"
+                run.accounts = _accounts(workers, present, run.phases)
+                run.seconds = time.monotonic() - started
+                log.info("nothing to do: every legacy row already has an outcome")
+                return run
+            if opts.dry_run:
+                with conn.transaction(force_rollback=True):
+                    _migrate_tables(conn, workers, run, present, pending, opts, progress)
+                    run.accounts = _accounts(workers, present, run.phases)
+                run.status = "planned"
+            else:
+                if before_first_write is not None and any(pending.values()):
+                    before_first_write(conn)
+                _real_run(conn, run, present, pending, opts, progress, workers)
     run.seconds = time.monotonic() - started
     return run
 
 
 def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, Detected], pending: dict[str, int],
-              opts: MigrationOptions, progress: Progress | None) -> None:
+              opts: MigrationOptions, progress: Progress | None, workers: Workers) -> None:
     run.run_id = _open_ledger(conn, run, opts)
     try:
         if opts.defer_indexes and any(pending.values()):
-            _defer_indexes(conn)
-        _migrate_tables(conn, run, present, pending, opts, progress)
-        run.rebuilt_indexes = rebuild_deferred_indexes(conn)
-        conn.execute("ANALYZE memories")
-        run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
+            with run.phases.timed("defer_indexes"):
+                _defer_indexes(conn)
+        _migrate_tables(conn, workers, run, present, pending, opts, progress)
+        with run.phases.timed("rebuild_indexes"):
+            run.rebuilt_indexes = rebuild_deferred_indexes(conn, workers)
+        with run.phases.timed("analyze"):
+            conn.execute("ANALYZE memories")
+        run.accounts = _accounts(workers, present, run.phases)
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:
         _close_ledger(conn, run, "failed" if isinstance(exc, Exception) else "interrupted", repr(exc)[:500])
@@ -165,45 +188,111 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         raise MigrationError(f"{run.unaccounted} source rows have no outcome after the run")
 
 
-def _migrate_tables(conn: psycopg.Connection, run: MigrationRun, present: dict[str, Detected],
+def _accounts(workers: Workers, present: dict[str, Detected], phases: Phases) -> dict[str, TableAccount]:
+    items = list(present.values())
+    with phases.timed("accounting"):
+        found = workers.map(lambda c, d: account(c, d.table, d.shape), items)
+    return {d.table: a for d, a in zip(items, found, strict=True)}
+
+
+@contextmanager
+def _session(conn: psycopg.Connection) -> Iterator[None]:
+    conn.execute("SELECT set_config('work_mem', %s, false)", [WORK_MEM])
+    try:
+        yield
+    finally:
+        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("RESET work_mem")
+
+
+def _migrate_tables(conn: psycopg.Connection, workers: Workers, run: MigrationRun, present: dict[str, Detected],
                     pending: dict[str, int], opts: MigrationOptions, progress: Progress | None) -> None:
+    """Tables one after the other in PRECEDENCE order (the first table keeps a shared id); each table's key
+    ranges in parallel."""
     for table, found in present.items():
         m = mapping_for(table, found.shape)
         table_run = run.tables.setdefault(table, TableRun(found.shape, pending_before=pending[table]))
         if pending[table]:
-            _migrate_table(conn, m, table_run, run.run_id, opts, progress)
+            _migrate_table(conn, workers, m, table_run, run, opts, progress)
 
 
-def _migrate_table(conn: psycopg.Connection, m: TableMapping, tr: TableRun, run_id: int | None,
+def _migrate_table(conn: psycopg.Connection, workers: Workers, m: TableMapping, tr: TableRun, run: MigrationRun,
                    opts: MigrationOptions, progress: Progress | None) -> None:
     started = time.monotonic()
-    _refresh_statistics(conn)
-    after = _resume_point(conn, m)
-    params: dict[str, object] = {"tz": opts.source_timezone, "expiry": opts.expiry, "run_id": run_id,
+    with run.phases.timed("plan_ranges"):
+        plan = ranges.plan(conn, m, jobs=workers.n if ids_follow_keys(m) else 1, pending_rows=tr.pending_before,
+                           batch_size=opts.batch_size, run_id=run.run_id)
+    todo = [r for r in plan if not r.completed]
+    tr.ranges = len(plan)
+    log.info("table=%s shape=%s pending=%d ranges=%d anti_join=%s", m.table, m.shape, tr.pending_before,
+             len(plan), any(r.anti_join for r in plan))
+    done = _Done(m.table, tr, started, progress)
+    results = workers.map(lambda c, r: _migrate_range(c, m, r, run, opts, done), todo)
+    for result in results:
+        tr.add(result)
+    with run.phases.timed("checkpoint"), conn.transaction():
+        ranges.finish(conn, m, run.run_id)
+    tr.seconds = time.monotonic() - started
+
+
+class _Done:
+    """Progress of one table over every worker (thread-safe)."""
+
+    def __init__(self, table: str, tr: TableRun, started: float, progress: Progress | None) -> None:
+        self.table, self.tr, self.started, self.progress = table, tr, started, progress
+        self.rows = 0
+        self.lock = threading.Lock()
+
+    def add(self, rows: int) -> None:
+        with self.lock:
+            self.rows += rows
+            self.tr.seconds = time.monotonic() - self.started
+            if self.progress is not None:
+                self.progress(self.table, self.rows, self.tr.pending_before)
+
+
+def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, run: MigrationRun,
+                   opts: MigrationOptions, done: _Done) -> TableRun:
+    """One key range, batch after batch; each batch commits its outcomes and the range's checkpoint."""
+    tr = TableRun(m.shape)
+    params: dict[str, object] = {"tz": opts.source_timezone, "expiry": opts.expiry, "run_id": run.run_id,
                                  "limit": opts.batch_size, "max_bytes": opts.max_batch_bytes}
-    log.info("table=%s shape=%s pending=%d resume_after=%s", m.table, m.shape, tr.pending_before,
-             "start" if after is None else "checkpoint")
+    after, phases = rg.resume_after, run.phases
+    if rg.anti_join:
+        with phases.timed("statistics"):
+            _refresh_statistics(conn)
     while True:
-        upper, count = _next_upper(conn, m, after, params)
+        with phases.timed("find_batch"):
+            upper, count = _next_upper(conn, m, rg, after, params)
         if upper is None:
             break
         with conn.transaction():
             if count:
-                rows, migrated, vectors = _attempt(conn, m, {**params, "after": after, "upper": upper}, tr)
+                with phases.timed("batch"):
+                    rows, migrated, vectors = _attempt(conn, m, {**params, "after": after, "upper": upper}, tr, rg,
+                                                       phases)
                 tr.rows, tr.migrated, tr.vectors = tr.rows + rows, tr.migrated + migrated, tr.vectors + vectors
                 tr.batches += 1
-            _checkpoint(conn, m, upper, run_id, done=False, dry_run=opts.dry_run)
+            with phases.timed("checkpoint"):
+                ranges.advance(conn, m, rg, upper, run.run_id)
         after = upper
-        if tr.batches & (tr.batches - 1) == 0:  # batches 1, 2, 4, 8, ...: keep the planner's estimates current
-            _refresh_statistics(conn)
-        tr.seconds = time.monotonic() - started
-        if progress is not None:
-            progress(m.table, tr.rows, tr.pending_before)
-        log.info("batch table=%s batches=%d rows=%d migrated=%d", m.table, tr.batches, tr.rows, tr.migrated)
+        if rg.anti_join and tr.batches & (tr.batches - 1) == 0:  # 1, 2, 4, ...: keep the anti-join's estimates
+            with phases.timed("statistics"):
+                _refresh_statistics(conn)
+        done.add(rows if count else 0)
+        log.info("batch table=%s range=%d batches=%d rows=%d migrated=%d", m.table, rg.no, tr.batches, tr.rows,
+                 tr.migrated)
         if opts.pause_ms:
             time.sleep(opts.pause_ms / 1000)
-    _checkpoint(conn, m, after, run_id, done=True, dry_run=opts.dry_run)
-    tr.seconds = time.monotonic() - started
+    with phases.timed("checkpoint"), conn.transaction():
+        ranges.complete(conn, m, rg, after)
+    return tr
+
+
+def ids_follow_keys(m: TableMapping) -> bool:
+    """Whether distinct source keys always give distinct memory ids, so that key ranges of the table can run
+    in parallel without changing which row keeps an id (I3's text ids do not: 'A…' and 'a…' are one uuid)."""
+    return m.expands or m.columns["id"].expr == m.order
 
 
 def _refresh_statistics(conn: psycopg.Connection) -> None:
@@ -211,109 +300,80 @@ def _refresh_statistics(conn: psycopg.Connection) -> None:
     conn.execute("ANALYZE memories, memory_migration_quarantine")
 
 
-def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object],
-             tr: TableRun) -> tuple[int, int, int]:
+def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object], tr: TableRun,
+             rg: ranges.Range, phases: Phases) -> tuple[int, int, int]:
     """Run one range; when the database rejects it, split until the bad rows are isolated."""
     try:
         with conn.transaction():
-            row = conn.execute(batchsql.batch(m), params).fetchone()
+            row = conn.cursor(row_factory=dict_row).execute(batchsql.batch(m, pending=rg.anti_join), params).fetchone()
         assert row is not None
-        return int(row[0]), int(row[2]), int(row[3])
+        return int(row["rows"]), int(row["migrated"]), int(row["vectors"])
     except psycopg.Error as exc:
         if (exc.sqlstate or "")[:2] not in _SPLITTABLE:
             raise translate(exc, f"migrating {m.table}") from exc
-        keys = [r[0] for r in conn.execute(batchsql.keys_in_range(m), params)]
-        if len(keys) <= 1:
-            with conn.transaction():
-                conn.execute(batchsql.quarantine_one(m), {**params, "upper": keys[0] if keys else params["upper"],
-                                                          "sqlstate": exc.sqlstate})
-            tr.isolated += 1
-            log.warning("quarantined table=%s reason=rejected_by_database sqlstate=%s", m.table, exc.sqlstate)
-            return 1, 0, 0
-        middle = keys[len(keys) // 2 - 1]
-        first = _attempt(conn, m, {**params, "upper": middle}, tr)
-        second = _attempt(conn, m, {**params, "after": middle}, tr)
+        with phases.timed("isolate"):
+            keys = [r["key"] for r in conn.cursor(row_factory=dict_row).execute(
+                batchsql.keys_in_range(m, pending=rg.anti_join), params)]
+            if len(keys) <= 1:
+                with conn.transaction():
+                    conn.execute(batchsql.quarantine_one(m), {**params, "upper": keys[0] if keys else params["upper"],
+                                                              "sqlstate": exc.sqlstate})
+                tr.isolated += 1
+                log.warning("quarantined table=%s reason=rejected_by_database sqlstate=%s", m.table, exc.sqlstate)
+                return 1, 0, 0
+            middle = keys[len(keys) // 2 - 1]
+        first = _attempt(conn, m, {**params, "upper": middle}, tr, rg, phases)
+        second = _attempt(conn, m, {**params, "after": middle}, tr, rg, phases)
         return first[0] + second[0], first[1] + second[1], first[2] + second[2]
 
 
-def _next_upper(conn: psycopg.Connection, m: TableMapping, after: str | None,
+def _next_upper(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, after: str | None,
                 params: dict[str, object]) -> tuple[str | None, int]:
-    """The next batch's upper key and row count; for ctid tables an empty window just moves on."""
+    """The next batch's upper key and row count within ``rg``; for ctid tables an empty window just moves on."""
+    cur = conn.cursor(row_factory=dict_row)
     if not m.expands:
-        row = conn.execute(batchsql.next_upper(m), {**params, "after": after}).fetchone()
-        return (row[0], int(row[1])) if row else (None, 0)
-    start_page = _page(after) if after else 0
-    pages = conn.execute(sql.SQL(
-        "SELECT pg_relation_size({t}) / current_setting('block_size')::int, "
-        "CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 40 END "
-        "FROM pg_class c WHERE c.oid = {t}::regclass").format(t=sql.Literal(m.table))).fetchone()
+        row = cur.execute(batchsql.next_upper(m, pending=rg.anti_join),
+                          {**params, "after": after, "range_end": rg.upper}).fetchone()
+        return (row["upper"], int(row["rows"])) if row else (None, 0)
+    start_page = ranges.page(after) if after else 0
+    pages = cur.execute(
+        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int AS total, "
+        "CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 40 END AS per_page "
+        "FROM pg_class c WHERE c.oid = to_regclass(%s)", [m.table]).fetchone()
     assert pages is not None
-    total_pages, per_page = int(pages[0]), float(pages[1])
-    if start_page >= total_pages:
+    end_page = ranges.page(rg.upper) if rg.upper else int(pages["total"])
+    if start_page >= end_page:
         return None, 0
-    window = max(1, int(int(params["limit"]) / max(per_page, 1.0)) + 1)  # type: ignore[call-overload]
-    window_end = f"({start_page + window},0)"
-    row = conn.execute(batchsql.next_upper(m), {**params, "after": after or "(0,0)", "window_end": window_end}
-                       ).fetchone()
+    window = max(1, int(int(params["limit"]) / max(float(pages["per_page"]), 1.0)) + 1)  # type: ignore[call-overload]
+    window_end = f"({min(start_page + window, end_page)},0)"
+    row = cur.execute(batchsql.next_upper(m), {**params, "after": after or "(0,0)", "window_end": window_end}
+                      ).fetchone()
     if row:
-        return row[0], int(row[1])
+        return row["upper"], int(row["rows"])
     return window_end, 0
 
 
-def _page(tid: str) -> int:
-    match = re.match(r"\((\d+),(\d+)\)", tid)
-    return int(match.group(1)) if match else 0
-
-
-def _resume_point(conn: psycopg.Connection, m: TableMapping) -> str | None:
-    row = conn.execute("SELECT last_key, completed_at IS NOT NULL, shape FROM memory_migration_checkpoints "
-                       "WHERE source_table = %s", [m.table]).fetchone()
-    if row is None or row[2] != m.shape:
-        return None
-    last_key, completed = row[0], row[1]
-    if completed and not m.expands:
-        return None  # catch-up pass over a finished table: the anti-join skips rows with outcomes
-    return str(last_key) if last_key is not None else None
-
-
 def _pending(conn: psycopg.Connection, m: TableMapping) -> int:
-    """Source rows that have no outcome yet (for ctid tables: rows past the checkpoint)."""
+    """Source rows that have no outcome yet (for ctid tables: rows past the checkpoints)."""
     if m.expands:
-        after = _resume_point(conn, m)
-        return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE %(after)s::tid IS NULL "
-                                        "OR s.ctid > %(after)s::tid").format(sql.Identifier(m.table)),
-                          {"after": after}))
+        return ranges.pending_rows(conn, m)
     return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(
         sql.Identifier(m.table), batchsql.not_accounted(m))))
-
-
-def _checkpoint(conn: psycopg.Connection, m: TableMapping, last_key: str | None, run_id: int | None, *,
-                done: bool, dry_run: bool) -> None:
-    if dry_run:
-        return
-    conn.execute(
-        "INSERT INTO memory_migration_checkpoints AS c (source_table, shape, last_key, batches, completed_at, run_id) "
-        "VALUES (%(t)s, %(s)s, %(k)s, 1, CASE WHEN %(done)s THEN now() END, %(run)s) "
-        "ON CONFLICT (source_table) DO UPDATE SET shape = EXCLUDED.shape, "
-        "last_key = coalesce(EXCLUDED.last_key, c.last_key), batches = c.batches + 1, "
-        "completed_at = EXCLUDED.completed_at, updated_at = now(), run_id = EXCLUDED.run_id",
-        {"t": m.table, "s": m.shape, "k": last_key, "done": done, "run": run_id},
-    )
 
 
 def _defer_indexes(conn: psycopg.Connection) -> None:
     """When memories is empty, drop its secondary indexes for the load; their definitions are kept first."""
     with conn.transaction():
-        empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM memories)").fetchone()
-        if not empty or not empty[0]:
+        empty = scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM memories)")
+        if not empty:
             return
-        indexes = conn.execute(
+        indexes = conn.cursor(row_factory=dict_row).execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() "
             "AND tablename = 'memories' AND left(indexname, 13) = 'idx_memories_'").fetchall()
-        for name, definition in indexes:
+        for index in indexes:
             conn.execute("INSERT INTO memory_migration_deferred_indexes (index_name, definition) VALUES (%s, %s) "
-                         "ON CONFLICT DO NOTHING", [name, definition])
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+                         "ON CONFLICT DO NOTHING", [index["indexname"], index["indexdef"]])
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index["indexname"])))
     log.info("deferred %d secondary indexes of memories until after the load", len(indexes))
 
 
@@ -321,18 +381,39 @@ def _deferred_count(conn: psycopg.Connection) -> int:
     return int(scalar(conn, "SELECT count(*) FROM memory_migration_deferred_indexes"))
 
 
-def rebuild_deferred_indexes(conn: psycopg.Connection) -> int:
-    """Recreate the indexes dropped for a bulk load, one transaction each (resumable)."""
-    rows = conn.execute("SELECT index_name, definition FROM memory_migration_deferred_indexes ORDER BY index_name"
-                        ).fetchall()
-    conn.execute("SET maintenance_work_mem = '256MB'")
-    for name, definition in rows:
-        with conn.transaction():
-            # definition is pg_get_indexdef() output saved by _defer_indexes, not user input
-            conn.execute(str(definition).replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS", 1).encode())
-            conn.execute("DELETE FROM memory_migration_deferred_indexes WHERE index_name = %s", [name])
-    conn.execute("RESET maintenance_work_mem")
+def rebuild_deferred_indexes(conn: psycopg.Connection, workers: Workers | None = None) -> int:
+    """Recreate the indexes dropped for a bulk load, one transaction each (resumable), on parallel connections
+    when ``workers`` has several, each build with parallel maintenance workers for the cores left over."""
+    rows = conn.cursor(row_factory=dict_row).execute(
+        "SELECT index_name, definition FROM memory_migration_deferred_indexes "
+        "ORDER BY definition LIKE '%% USING gin %%' DESC, index_name").fetchall()
+    builders = min(workers.n if workers else 1, max(len(rows), 1))
+    helpers = max(0, server_cores(conn) // builders - 1)
+
+    def build(c: psycopg.Connection, index: dict[str, str]) -> None:
+        c.execute("SELECT set_config('maintenance_work_mem', '256MB', false), "
+                  "set_config('max_parallel_maintenance_workers', %s, false)", [str(helpers)])
+        with c.transaction():
+            # the definition is pg_get_indexdef() output saved by _defer_indexes, not user input
+            c.execute(_if_not_exists(index["definition"]))
+            c.execute("DELETE FROM memory_migration_deferred_indexes WHERE index_name = %s", [index["index_name"]])
+        c.execute("RESET maintenance_work_mem")
+        c.execute("RESET max_parallel_maintenance_workers")
+
+    if workers is not None:
+        workers.map(build, rows)
+    else:
+        for index in rows:
+            build(conn, index)
     return len(rows)
+
+
+def _if_not_exists(definition: str) -> sql.Composed:
+    """``CREATE [UNIQUE] INDEX name ON ...`` as ``CREATE [UNIQUE] INDEX IF NOT EXISTS name ON ...``."""
+    match = re.match(r"CREATE (UNIQUE )?INDEX (.*)$", definition, re.DOTALL)
+    if match is None:
+        raise MigrationError("a deferred index definition is not a CREATE INDEX statement")
+    return sql.SQL("CREATE {}INDEX IF NOT EXISTS {}").format(sql.SQL(match.group(1) or ""), sql.SQL(match.group(2)))
 
 
 def _open_ledger(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOptions) -> int:
@@ -358,6 +439,8 @@ def _check_options(conn: psycopg.Connection, opts: MigrationOptions) -> None:
         raise ConfigError("migrate needs an autocommit connection: it commits one transaction per batch")
     if opts.batch_size < 1 or opts.max_batch_bytes < 1:
         raise ConfigError("--batch-size and --max-batch-bytes must be positive")
+    if not 0 <= opts.jobs <= MAX_JOBS:
+        raise ConfigError(f"--jobs takes 1 to {MAX_JOBS} (0: the server's core count)")
     if opts.expiry not in ("arrival", "created"):
         raise ConfigError("--expiry takes 'arrival' or 'created'")
     unknown = set(opts.tables) - set(PRECEDENCE)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from .errors import ShapeError
+from .mapping import mapping_for
 
 LEGACY_TABLES = ("memory_items", "memory_entries", "web_ui_memory_entries", "long_term_memory")
 
@@ -65,7 +67,7 @@ def table_columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
     rows = conn.execute(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = current_schema() AND c.relname = %s AND c.relkind IN ('r', 'p') "
+        "WHERE n.nspname = current_schema() AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
         "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         [table],
     ).fetchall()
@@ -98,3 +100,31 @@ def detect(conn: psycopg.Connection, table: str) -> Detected | None:
 def detect_all(conn: psycopg.Connection, tables: tuple[str, ...] = LEGACY_TABLES) -> dict[str, Detected | None]:
     """Shape of every legacy table (``None`` for a missing one)."""
     return {table: detect(conn, table) for table in tables}
+
+
+_KINDS = {"p": "partitioned table", "v": "view", "m": "materialized view", "f": "foreign table"}
+
+
+def check_relation(conn: psycopg.Connection, found: Detected) -> None:
+    """A legacy relation that is not a plain table is migrated like one when its rows have a key that is
+    never NULL and never repeated (a view, a partitioned or foreign table); otherwise it is refused by name.
+
+    Raises:
+        ShapeError: the relation has no ctid (long_term_memory is keyed by it), or NULL or repeated keys.
+    """
+    kind = conn.execute(
+        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relname = %s", [found.table]).fetchone()
+    if kind is None or kind[0] == "r":
+        return
+    what = _KINDS.get(kind[0], f"relation of kind {kind[0]!r}")
+    m = mapping_for(found.table, found.shape)
+    if m.order_type == "tid":
+        raise ShapeError(f"{found.table} is a {what}: its rows are keyed by their ctid, which a {what} does not "
+                         "give uniquely; copy it into a plain table (CREATE TABLE ... AS SELECT) and run again")
+    bad = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT {k} FROM {t} s GROUP BY {k} "
+                               "HAVING {k} IS NULL OR count(*) > 1) d").format(
+        k=sql.SQL(m.order), t=sql.Identifier(found.table))).fetchone()
+    if bad and bad[0]:
+        raise ShapeError(f"{found.table} is a {what} with {bad[0]} NULL or repeated keys ({m.order[2:]}): "
+                         "its rows cannot each be given one outcome; fix the keys or copy it into a table")
