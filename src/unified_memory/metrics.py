@@ -148,8 +148,8 @@ def snapshot(conn: psycopg.Connection, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) 
 
 
 def _readable(conn: psycopg.Connection, name: str) -> bool:
-    row = conn.execute(_READABLE, {"name": name}).fetchone()
-    return bool(row and row[0])
+    row = conn.cursor(row_factory=dict_row).execute(_READABLE, {"name": name}).fetchone()
+    return bool(row and row["readable"])
 
 
 def _memories(cur: psycopg.Cursor[dict[str, Any]], run: dict[str, Any] | None) -> list[Metric]:
