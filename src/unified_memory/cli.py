@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import psycopg
 import typer
 
-from . import backup, fixtures, locks, logs, report, schema
+from . import backup, fixtures, locks, logs, metrics, report, schema
 from .backupfile import load_key
-from .db import DEMO_DATABASE, Target, connect, fresh_database, target_for
+from .db import DEMO_DATABASE, Target, connect, fresh_database, on_database, target_for
 from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
 from .health import health
 from .migrate import MigrationOptions, migrate
@@ -31,13 +31,14 @@ from .settings import (
     DEFAULT_COLLECTION,
     DEFAULT_DIMENSION,
     backup_dir,
+    configured_milvus_uri,
     home_dir,
     milvus_uri,
     private_dir,
     resolve_dsn,
     write_private,
 )
-from .validate import Check, validate
+from .validate import VectorChecks, validate
 
 if TYPE_CHECKING:  # pymilvus and pandas load in about a second: only the vector commands import them
     from .embedders import Embedder
@@ -98,7 +99,10 @@ def _global(
     lock_wait: Annotated[float, typer.Option(
         min=0, max=86400, help="Seconds a command that changes state waits for another one's lock before exit 4.")
     ] = locks.DEFAULT_WAIT,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show other libraries' warnings and log "
+                                                                  "noise (hidden on a normal run).")] = False,
 ) -> None:
+    logs.third_party(verbose=verbose)
     ctx.obj = Options(resolve_dsn(dsn), (data_dir or home_dir()).resolve(), json_output, show_traceback, quiet,
                       lock_wait)
 
@@ -321,10 +325,6 @@ def rollback_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- validate
-_RENDERERS = {"json": lambda r: json.dumps(r.to_dict(), indent=2, default=str) + "\n",
-              "markdown": report.validation_markdown, "html": report.validation_html}
-
-
 @app.command("validate")
 def validate_cmd(
     ctx: typer.Context,
@@ -348,39 +348,70 @@ def validate_cmd(
     """Check schema, data integrity, reconciliation with the source, tenant isolation, indexes, functions, vectors."""
     opts = options(ctx, json_flag)
     with failures(opts), ExitStack() as stack:
-        vector_checks: Callable[[psycopg.Connection], list[Check]] | None = None
-        if with_vectors if with_vectors is not None else _milvus_configured(opts):
-            from . import vectors
-
-            client = stack.enter_context(_milvus(opts))
-            spec, chosen = vectors.CollectionSpec(collection, dim), _embedder(embedder, dim)
-
-            def vector_checks(conn: psycopg.Connection) -> list[Check]:
-                return vectors.verify(conn, client, spec, chosen).checks
-
-        kind = fmt or {".json": "json", ".html": "html", ".htm": "html"}.get(
-            report_path.suffix.lower() if report_path else "", "markdown")
-        if kind not in _RENDERERS:
-            raise ConfigError(f"--format takes json, markdown or html; got {kind!r}")
+        render = report.validation_renderer(fmt, report_path)
         manifest = backup.verify(backup_path, secret=load_key(key_file=key_file)) if backup_path else None
+        checks = _vector_checks(opts, stack, collection, dim, embedder) if (
+            with_vectors if with_vectors is not None else _milvus_configured(opts)) else None
         with connect(opts.target()) as conn:
-            result = validate(conn, manifest=manifest, vectors=vector_checks)
+            result = validate(conn, manifest=manifest, vectors=checks)
         if report_path is not None:
-            write_private(report_path, _RENDERERS[kind](result))
+            write_private(report_path, render(result))
         emit(opts, result, report.validation)
         if report_path is not None and not opts.json:
             print(f"report: {report_path.resolve()}")
-        if result.status == "fail":
-            raise ValidationFailed(f"{len(result.failed())} validation checks failed: "
-                                   + ", ".join(c.name for c in result.failed()[:10]))
+        result.raise_for_failure()
+
+
+def _vector_checks(opts: Options, stack: ExitStack, collection: str, dim: int, embedder: str) -> VectorChecks:
+    from . import vectors
+
+    client = stack.enter_context(_milvus(opts))
+    spec, chosen = vectors.CollectionSpec(collection, dim), _embedder(embedder, dim)
+    return lambda conn: vectors.verify(conn, client, spec, chosen).checks
 
 
 @app.command("health")
-def health_cmd(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
+def health_cmd(ctx: typer.Context,
+               fmt: Annotated[str | None, typer.Option("--format", help="text, json or prometheus (the exposition "
+                                                                        "format, for a textfile collector).",
+                                                       show_default=False)] = None,
+               json_flag: JsonOpt = False) -> None:
     """The guide's health queries, the last run's status, quarantine and expired-on-arrival counts."""
-    result = run(ctx, health, report.health_text, json_flag)
-    if result is not None and not result.healthy:
-        raise typer.Exit(ValidationFailed.exit_code)
+    opts = options(ctx, json_flag)
+    with failures(opts):
+        render = report.health_renderer(fmt, json_output=opts.json)
+        with connect(opts.target()) as conn:
+            result = health(conn)
+        print(render(result))
+        result.raise_for_failure()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+@app.command("metrics")
+def metrics_cmd(
+    ctx: typer.Context,
+    serve: Annotated[int | None, typer.Option("--serve", metavar="PORT", help="Serve /metrics on this port "
+                                              "instead of printing once.", show_default=False)] = None,
+    bind: Annotated[str, typer.Option(help="Address to serve on (loopback unless you say otherwise).")] = "127.0.0.1",
+    interval: Annotated[float, typer.Option(help="Seconds a snapshot is reused: scrapes in between share it.")] = 30.0,
+    timeout: Annotated[float, typer.Option(help="statement_timeout of each query, in seconds.")] = 10.0,
+    database: Annotated[str | None, typer.Option(help="Another database on the same server (the demo's: "
+                                                      f"{DEMO_DATABASE}).", show_default=False)] = None,
+    collection: CollectionOpt = DEFAULT_COLLECTION,
+) -> None:
+    """Metrics in the Prometheus exposition format: printed once, or served for scraping (--serve PORT)."""
+    opts = options(ctx)
+    with failures(opts):
+        target = on_database(opts.target(), database) if database else opts.target()
+        read = metrics.reader(lambda: connect(target), timeout_ms=int(timeout * 1000), count_entities=metrics.
+                              milvus_counter(configured_milvus_uri(home=opts.data_dir), collection))
+        collector = metrics.SnapshotCollector(read, interval=interval, tolerate_errors=serve is not None)
+        if serve is None:
+            print(metrics.render(collector), end="")
+            return
+        server = metrics.serve(collector, port=serve, bind=bind)
+        print(f"serving metrics on http://{bind}:{server.port}/metrics (Ctrl-C stops)", file=sys.stderr)
+        server.wait()
 
 
 # ---------------------------------------------------------------------------------------------- vectors
@@ -506,6 +537,8 @@ def demo_cmd(ctx: typer.Context,
             client.close()
         if opts.json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
+        else:
+            print("\nmetrics: " + report.metrics_command(opts.data_dir, workdir / "milvus_demo.db"))
         if not result.ok:
             raise ValidationFailed("the demo's validation failed (see above)")
 

@@ -161,6 +161,11 @@ def fresh_database(target: Target, name: str) -> Target:
     with connect(target) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return on_database(target, name)
+
+
+def on_database(target: Target, name: str) -> Target:
+    """``target``'s server, database ``name`` (the demo's sandbox, or ``metrics --database``)."""
     params = psycopg.conninfo.conninfo_to_dict(target.dsn)
     params["dbname"] = name
     dsn = psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from . import backup, fixtures, report, schema, vectors
+from . import backup, fixtures, metrics, report, schema, vectors
 from .embedders import HashingEmbedder
 from .health import health
 from .migrate import MigrationOptions, migrate
@@ -87,4 +87,7 @@ def run_demo(conn: psycopg.Connection, client: MilvusClient, *, rows: int, workd
                                                          report.validation_markdown(stages["validate"])))}
     show("10. Validation", report.validation(stages["validate"]) + f"\n\nreport: {result.files['report_html']}"
          f"\n        {result.files['report_markdown']}")
+    stages["metrics"] = metrics.snapshot(conn)
+    show("11. Metrics (the Prometheus exposition format; deploy/ has the dashboard and alert rules)",
+         report.metrics_summary(stages["metrics"]))
     return result

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from .db import maintenance, relation_exists, scalar
-from .errors import SchemaError
+from .errors import SchemaError, ValidationFailed
 
 RECORD_COUNTS = ("SELECT COUNT(*) AS total_memories, COUNT(DISTINCT user_id) AS unique_users, "
                  "COUNT(DISTINCT org_id) AS unique_orgs FROM memories")
@@ -43,6 +43,18 @@ class Health:
     def healthy(self) -> bool:
         run_ok = self.last_run is None or self.last_run["status"] in ("succeeded", "nothing_to_do")
         return run_ok and not any(self.quality.values())
+
+    def problems(self) -> list[str]:
+        """What makes it unhealthy, by name (numbers only)."""
+        found = [f"{name} {n}" for name, n in self.quality.items() if n]
+        if self.last_run is not None and self.last_run["status"] not in ("succeeded", "nothing_to_do"):
+            found.append(f"last migration run {self.last_run['run_id']} is {self.last_run['status']}")
+        return found
+
+    def raise_for_failure(self) -> None:
+        """Raises ValidationFailed naming the problems (the CLI's exit code 10)."""
+        if not self.healthy:
+            raise ValidationFailed("health found problems: " + ", ".join(self.problems()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "counts": self.counts, "quality": self.quality,

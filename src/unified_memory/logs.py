@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
+
+import platformdirs
 
 from .settings import private_dir
 
 LOG_NAME = "memory_migration.log"
+PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")
+_verbose = False
 
 
 def setup(home: Path) -> Path:
@@ -23,3 +28,23 @@ def setup(home: Path) -> Path:
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     return path
+
+
+def third_party(*, verbose: bool) -> None:
+    """Keep other libraries' warnings and log noise off a normal run; ``--verbose`` shows them.
+
+    pgserver asks platformdirs for a runtime directory (a RuntimeDirWarning where XDG_RUNTIME_DIR is unset);
+    pymilvus logs warnings such as "failed to get mvccTs" for Milvus Lite, which has no such timestamp.
+    """
+    global _verbose
+    _verbose = verbose
+    category = getattr(platformdirs, "RuntimeDirWarning", None)
+    if category is not None and not verbose:
+        warnings.filterwarnings("ignore", category=category)
+    quiet_pymilvus()
+
+
+def quiet_pymilvus() -> None:
+    """pymilvus configures its own loggers when it is imported: keep them to errors unless verbose."""
+    for name in PYMILVUS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if _verbose else logging.ERROR)

@@ -15,4 +15,8 @@ finally:
     if _hidden is not None:
         os.environ["MILVUS_URI"] = _hidden
 
+from .logs import quiet_pymilvus  # noqa: E402  (after the import, which configures pymilvus' loggers)
+
+quiet_pymilvus()
+
 __all__ = ["DataType", "MilvusClient", "MilvusException"]

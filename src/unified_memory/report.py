@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from html import escape
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from . import metrics
 from .backup import BackupManifest
+from .errors import ConfigError
 from .health import Health
 from .migrate import MigrationRun
 from .rollback import RollbackResult
@@ -164,6 +169,68 @@ def health_text(result: Health) -> str:
              f"quarantined legacy rows or items: {result.quarantined}", "",
              _table(["user_id", "memories"], [list(r) for r in result.top_tenants])]
     return "\n".join(lines)
+
+
+def health_prometheus(result: Health) -> str:
+    """``health --format prometheus``: the same figures in the exposition format (no tenant ids)."""
+    families = metrics.health_families(result)
+    return metrics.render(metrics.StaticCollector(families)).rstrip("\n")
+
+
+def _json(result: Any) -> str:
+    return json.dumps(result.to_dict(), indent=2, default=str)
+
+
+def health_renderer(fmt: str | None, *, json_output: bool) -> Callable[[Health], str]:
+    """The rendering of ``health`` for ``--format`` (text, json, prometheus); ``--json`` means json.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    kind = fmt or ("json" if json_output else "text")
+    renderers: dict[str, Callable[[Health], str]] = {"text": health_text, "json": _json,
+                                                     "prometheus": health_prometheus}
+    if kind not in renderers:
+        raise ConfigError(f"--format takes text, json or prometheus; got {kind!r}")
+    return renderers[kind]
+
+
+VALIDATION_RENDERERS: dict[str, Callable[[ValidationReport], str]] = {
+    "json": lambda r: _json(r) + "\n", "markdown": validation_markdown, "html": validation_html}
+
+
+def validation_renderer(fmt: str | None, path: Path | None) -> Callable[[ValidationReport], str]:
+    """The report file's rendering: ``--format``, else from the file's extension, else Markdown.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    kind = fmt or {".json": "json", ".html": "html", ".htm": "html"}.get(path.suffix.lower() if path else "",
+                                                                        "markdown")
+    if kind not in VALIDATION_RENDERERS:
+        raise ConfigError(f"--format takes json, markdown or html; got {kind!r}")
+    return VALIDATION_RENDERERS[kind]
+
+
+def metrics_summary(snapshot: metrics.Snapshot) -> str:
+    """A few lines about a metrics snapshot: its size, its cost and the headline figures."""
+    lines = [f"{len(snapshot.families)} metric families, {sum(len(f.samples) for f in snapshot.families)} samples, "
+             f"read in {snapshot.seconds:.2f} s (one REPEATABLE READ snapshot)"]
+    wanted = ("unified_memory_tenants", "unified_memory_largest_tenant_share",
+              "unified_memory_validation_last_run_passed", "unified_memory_migration_last_run_rows_per_second")
+    for family in snapshot.families:
+        if family.name in wanted:
+            lines.append(f"  {family.name} {family.samples[0].value:g}")
+    live = sum(s.value for f in snapshot.families if f.name == "unified_memory_memories" for s in f.samples
+               if s.labels["state"] == "live")
+    lines.append(f"  unified_memory_memories{{state=\"live\"}} (summed over tier and type) {live:g}")
+    return "\n".join(lines)
+
+
+def metrics_command(data_dir: Path, milvus_file: Path) -> str:
+    """The command that prints the demo database's metrics (its server and Milvus Lite file are named)."""
+    return (f"MILVUS_URI={milvus_file} unified-memory --data-dir {data_dir} metrics --database unified_memory_demo"
+            "   (add --serve 9464 to serve them for Prometheus)")
 
 
 def _md(text: str) -> str:

@@ -85,3 +85,11 @@ def milvus_uri(env: Mapping[str, str] = os.environ, *, home: Path | None = None)
     if env.get("MILVUS_HOST"):
         return f"http://{env['MILVUS_HOST']}:{env.get('MILVUS_PORT', '19530')}"
     return str(private_dir(home or home_dir(env)) / "milvus_lite.db")
+
+
+def configured_milvus_uri(env: Mapping[str, str] = os.environ, *, home: Path) -> str | None:
+    """The Milvus in use: ``MILVUS_URI``/``MILVUS_HOST``, or the data directory's Milvus Lite file if it exists."""
+    if env.get("MILVUS_URI") or env.get("MILVUS_HOST"):
+        return milvus_uri(env, home=home)
+    lite = home / "milvus_lite.db"
+    return str(lite) if lite.exists() else None

@@ -12,15 +12,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from . import contract, reconcile
 from .backup import BackupManifest
 from .db import maintenance, relation_exists, scalar
-from .errors import ShapeError
+from .errors import ShapeError, ValidationFailed
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .shapes import LEGACY_TABLES, detect
 
@@ -57,6 +59,12 @@ class ValidationReport:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.status == FAIL]
 
+    def raise_for_failure(self) -> None:
+        """Raises ValidationFailed naming the failed checks (the CLI's exit code 10)."""
+        if self.status == FAIL:
+            raise ValidationFailed(f"{len(self.failed())} validation checks failed: "
+                                   + ", ".join(c.name for c in self.failed()[:10]))
+
     def to_dict(self) -> dict[str, Any]:
         counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
         return {"status": self.status, "counts": counts, "seconds": round(self.seconds, 3), "totals": self.totals,
@@ -68,27 +76,43 @@ VectorChecks = Callable[[psycopg.Connection], list[Check]]
 
 def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None,
              vectors: VectorChecks | None = None) -> ValidationReport:
-    """Run every check against ``conn``'s database (autocommit connection; nothing is changed)."""
-    started = time.monotonic()
+    """Run every check against ``conn``'s database (autocommit connection; nothing is changed but the run's row
+    in ``memory_validation_runs``, which monitoring reads)."""
+    started, began = time.monotonic(), datetime.now(UTC)
     report = ValidationReport()
     with maintenance(conn):
-        report.checks += schema_checks(conn)
-        if not relation_exists(conn, "memory_migration_runs"):
-            report.checks.append(Check("schema.bookkeeping", FAIL, "migration 017 (the data migration's bookkeeping) "
-                                       "is not applied: run `unified-memory schema up`"))
-        if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
-            report.seconds = time.monotonic() - started
-            return report
-        report.checks += integrity_checks(conn)
-        report.checks += reconciliation_checks(conn, manifest)
-        report.checks += isolation_checks(conn)
-        report.checks += index_checks(conn)
-        report.checks += function_checks(conn)
-        if vectors is not None:
-            report.checks += vectors(conn)
-        report.distributions, report.totals = distributions(conn)
-    report.seconds = time.monotonic() - started
+        _run_checks(conn, report, manifest, vectors)
+        report.seconds = time.monotonic() - started
+        record_run(conn, report, began)
     return report
+
+
+def _run_checks(conn: psycopg.Connection, report: ValidationReport, manifest: BackupManifest | None,
+                vectors: VectorChecks | None) -> None:
+    report.checks += schema_checks(conn)
+    if not relation_exists(conn, "memory_migration_runs"):
+        report.checks.append(Check("schema.bookkeeping", FAIL, "migration 017 (the data migration's bookkeeping) "
+                                   "is not applied: run `unified-memory schema up`"))
+    if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
+        return
+    report.checks += integrity_checks(conn)
+    report.checks += reconciliation_checks(conn, manifest)
+    report.checks += isolation_checks(conn)
+    report.checks += index_checks(conn)
+    report.checks += function_checks(conn)
+    if vectors is not None:
+        report.checks += vectors(conn)
+    report.distributions, report.totals = distributions(conn)
+
+
+def record_run(conn: psycopg.Connection, report: ValidationReport, began: datetime) -> None:
+    """One row in ``memory_validation_runs`` (023) for monitoring; nothing when 023 is not applied."""
+    if not relation_exists(conn, "memory_validation_runs"):
+        return
+    conn.execute("INSERT INTO memory_validation_runs (started_at, status, checks, failed, warnings, failed_checks) "
+                 "VALUES (%s, %s, %s, %s, %s, %s)",
+                 [began, "failed" if report.status == FAIL else "passed", len(report.checks), len(report.failed()),
+                  sum(c.status == WARN for c in report.checks), Jsonb([c.name for c in report.failed()])])
 
 
 def _verdict(name: str, problems: list[str], ok: str, evidence: dict[str, Any] | None = None,
