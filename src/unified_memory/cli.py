@@ -75,7 +75,7 @@ class Options:
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 CollectionOpt = Annotated[str, typer.Option(envvar="UNIFIED_MEMORY_COLLECTION", help="Milvus collection name.")]
-DimOpt = Annotated[int, typer.Option("--dim", help="Vector dimension of the collection.")]
+DimOpt = Annotated[int, typer.Option("--dim", min=1, max=32768, help="Vector dimension of the collection.")]
 EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a vector: hashing (built in), "
                                                "minilm (the 'embedder' extra) or none.")]
 
@@ -318,10 +318,23 @@ def rollback_cmd(
     with failures(opts):
         secret = load_key(key_file=key_file)
         found = _backup_file(opts, path)
-    run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
-                                   discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait,
-                                   into_other_database=into_other_database),
-        report.rollback_result, json_flag)
+    result = run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
+                                            discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait,
+                                            into_other_database=into_other_database),
+                 report.rollback_result, json_flag)
+    if result is not None and not dry_run and _milvus_configured(opts):
+        _forget_vectors(opts)
+
+
+def _forget_vectors(opts: Options) -> None:
+    """After a rollback: the removed memories leave the Milvus collection too (queued by migration 021)."""
+    from . import vectors
+
+    spec = vectors.CollectionSpec(os.environ.get("UNIFIED_MEMORY_COLLECTION") or DEFAULT_COLLECTION)
+    with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn:
+        done = vectors.forget(conn, client, spec)
+    if not (opts.json or opts.quiet):
+        print(f"removed {done.removed} memories from the Milvus collection {spec.name}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -452,27 +465,42 @@ def vectors_up(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTIO
 @vectors_app.command("sync")
 def vectors_sync(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTION,
                  dim: DimOpt = DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
-                 batch_size: Annotated[int, typer.Option(help="Memories per batch.")] = 1000,
-                 full: Annotated[bool, typer.Option(help="Re-upsert every memory, not only unsynced ones.")] = False,
+                 batch_size: Annotated[int, typer.Option(min=1, max=100000, help="Memories per batch.")] = 1000,
+                 full: Annotated[bool, typer.Option(help="Re-upsert every live memory and remove every entity "
+                                                         "that is not one.")] = False,
+                 follow: Annotated[bool, typer.Option(help="Keep syncing (Ctrl-C stops between passes).")] = False,
+                 until_idle: Annotated[bool, typer.Option(help="With --follow: stop when nothing is left.")] = False,
+                 interval: Annotated[float, typer.Option(min=0.05, help="With --follow: seconds between idle "
+                                                                        "passes.")] = 1.0,
                  json_flag: JsonOpt = False) -> None:
-    """Fill the collection from memories: kept legacy vectors, old collections, else the embedder."""
+    """Bring the collection in step with memories: queued changes, new memories, passed expiries."""
     from . import vectors
 
     opts = options(ctx, json_flag)
     logs.setup(opts.data_dir)
     with failures(opts), _milvus(opts) as client, connect(opts.target()) as conn, \
-            reporter(not (opts.json or opts.quiet)) as progress, locks.hold(conn, "vectors sync", opts.lock_wait):
-        result = vectors.sync(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
-                              batch_size=batch_size, full=full, progress=progress)  # type: ignore[arg-type]
+            reporter(not (opts.json or opts.quiet or follow)) as progress, \
+            locks.hold(conn, "vectors sync", opts.lock_wait):
+        spec, chosen = vectors.CollectionSpec(collection, dim), _embedder(embedder, dim)
+        result = vectors.follow(conn, client, spec, chosen, interval=interval, until_idle=until_idle,
+                                batch_size=batch_size, report=None if opts.json or opts.quiet else _shown) \
+            if follow else vectors.sync(conn, client, spec, chosen, batch_size=batch_size, full=full,
+                                        progress=progress)  # type: ignore[arg-type]
         emit(opts, result, report.vector_sync)
+
+
+def _shown(result: Any) -> None:
+    print(report.vector_sync(result), file=sys.stderr, flush=True)
 
 
 @vectors_app.command("verify")
 def vectors_verify(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECTION,
                    dim: DimOpt = DEFAULT_DIMENSION, embedder: EmbedderOpt = "hashing",
-                   sample: Annotated[int, typer.Option(help="Entities to compare field by field.")] = 200,
+                   sample: Annotated[int | None, typer.Option(
+                       min=1, help="Compare only this many memories, chosen at random (default: every entity).",
+                       show_default=False)] = None,
                    json_flag: JsonOpt = False) -> None:
-    """Per-tenant counts, sampled fields and vectors, and a tenant-filtered search; non-zero exit on a difference."""
+    """Per-tenant counts, every entity's fields, text and vector, a filtered search; exit 11 on a difference."""
     from . import vectors
 
     opts = options(ctx, json_flag)
@@ -489,7 +517,7 @@ def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help=
                    user: Annotated[str, typer.Option("--user", help="The tenant's user id (required).")],
                    org: Annotated[str | None, typer.Option("--org", help="The tenant's organisation, if any.",
                                                            show_default=False)] = None,
-                   k: Annotated[int, typer.Option("-k", help="How many hits.")] = 5,
+                   k: Annotated[int, typer.Option("-k", min=1, max=16384, help="How many hits.")] = 5,
                    collection: CollectionOpt = DEFAULT_COLLECTION, dim: DimOpt = DEFAULT_DIMENSION,
                    embedder: EmbedderOpt = "hashing", json_flag: JsonOpt = False) -> None:
     """Semantic search within one tenant (user, org); the search is written to memory_access_log."""

@@ -5,13 +5,19 @@ Stage functions never connect on their own; the CLI opens one connection here an
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
+import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 from psycopg import sql
 from psycopg.abc import Params
@@ -33,26 +39,101 @@ class Target:
 
 
 def start_embedded(data_dir: Path, *, quiet: bool = False) -> Target:
-    """Start (or reuse) the embedded PostgreSQL in ``data_dir/pgdata``; it stops when this process exits."""
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir/pgdata``; it stops when its last user exits.
+
+    Safe to call from several processes at once: a file lock in the data directory serialises the start and
+    the creation of the database. Users are counted in pgserver's ``.handle_pids.json``; users that died
+    without cleaning up (kill -9) are dropped from it here and again at exit, so the last live user stops the
+    server. A ``postmaster.pid`` naming no running postgres of this data directory is removed before starting.
+    """
     import pgserver  # heavy import, only when the embedded server is really used
 
     pgdata = private_dir(data_dir) / "pgdata"
-    try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    except Exception as exc:  # pgserver raises subprocess and OS errors of several kinds
-        raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
-    _KEEP_ALIVE.append(server)
-    admin = server.get_uri()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DATABASE]).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(EMBEDDED_DATABASE)))
+    with _file_lock(data_dir / ".embedded.lock"):
+        _forget_dead_users(pgdata)
+        _clear_stale_pid_file(pgdata)
+        try:
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            admin = server.get_uri()
+        except Exception as exc:  # pgserver raises subprocess, OS and assertion errors of several kinds
+            raise DatabaseUnavailable(f"could not start the embedded PostgreSQL in {pgdata}: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        _KEEP_ALIVE.append(server)
+        atexit.register(_forget_dead_users, pgdata)  # runs before pgserver's own exit handler (LIFO)
+        _create_database(admin, EMBEDDED_DATABASE)
     if not quiet:
         print(f"started the embedded PostgreSQL (pgserver) in {pgdata}", file=sys.stderr)
     return Target(server.get_uri(EMBEDDED_DATABASE), f"embedded PostgreSQL in {pgdata}", embedded=True)
 
 
 _KEEP_ALIVE: list[object] = []
+LOCK_WAIT_SECONDS = 120.0
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created 0600), waited for at most LOCK_WAIT_SECONDS."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DatabaseUnavailable(f"another process holds {path} (starting the embedded "
+                                              "PostgreSQL) for too long") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _forget_dead_users(pgdata: Path) -> None:
+    """Drop pids of processes that no longer exist from pgserver's list of the server's users."""
+    from pgserver.postgres_server import PostgresServer
+
+    users = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:  # the lock pgserver itself holds while it reads and writes the list
+        try:
+            pids = json.loads(users.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            users.write_text(json.dumps(alive))
+
+
+def _clear_stale_pid_file(pgdata: Path) -> None:
+    """Remove a ``postmaster.pid`` whose pid is not a running postgres serving ``pgdata`` (kill -9, reboot)."""
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        first = pid_file.read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        first = ""
+    if not pid_file.exists():
+        return
+    try:
+        process = psutil.Process(int(first))
+        if process.name().startswith("postgres") and str(pgdata) in " ".join(process.cmdline()):
+            return
+    except (ValueError, psutil.Error):
+        pass
+    pid_file.unlink(missing_ok=True)
+
+
+def _create_database(admin: str, name: str) -> None:
+    """``CREATE DATABASE name`` unless it exists; a concurrent creation by another process is not an error."""
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                return
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+        return
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"the embedded PostgreSQL does not answer: {exc}") from None
 
 
 def target_for(dsn: str | None, data_dir: Path, *, quiet: bool = False) -> Target:

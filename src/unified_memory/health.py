@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from .db import maintenance, relation_exists, scalar
 from .errors import SchemaError, ValidationFailed
@@ -26,6 +27,11 @@ TENANT_DISTRIBUTION = ("SELECT user_id, COUNT(*) AS memory_count FROM memories G
 LAST_RUN = ("SELECT run_id, status, started_at::text, finished_at::text FROM memory_migration_runs "
             "ORDER BY run_id DESC LIMIT 1")
 QUARANTINE = "SELECT count(*) FROM memory_migration_quarantine"
+VECTOR_OUTBOX = ("SELECT count(*) AS queued_changes, "
+                 "round(extract(epoch FROM clock_timestamp() - min(queued_at))::numeric, 1)::float8 "
+                 "AS oldest_change_seconds FROM memory_vector_outbox")
+VECTOR_PENDING = ("SELECT count(*) FROM memories WHERE embedding_id IS NULL AND deleted_at IS NULL "
+                  "AND (expires_at IS NULL OR expires_at > now())")
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Health:
     top_tenants: list[list[Any]] = field(default_factory=list)
     last_run: dict[str, Any] | None = None
     quarantined: int = 0
+    vectors: dict[str, Any] | None = None
     seconds: float = 0.0
 
     @property
@@ -59,7 +66,7 @@ class Health:
     def to_dict(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "counts": self.counts, "quality": self.quality,
                 "top_tenants": self.top_tenants, "last_run": self.last_run, "quarantined": self.quarantined,
-                "seconds": round(self.seconds, 3)}
+                "vectors": self.vectors, "seconds": round(self.seconds, 3)}
 
 
 def health(conn: psycopg.Connection) -> Health:
@@ -82,8 +89,20 @@ def health(conn: psycopg.Connection) -> Health:
             if row:
                 result.last_run = dict(zip(("run_id", "status", "started_at", "finished_at"), row, strict=True))
             result.quarantined = int(scalar(conn, QUARANTINE))
+        result.vectors = vector_lag(conn)
     result.seconds = time.monotonic() - started
     return result
+
+
+def vector_lag(conn: psycopg.Connection) -> dict[str, Any] | None:
+    """How far the Milvus collection is behind ``memories``: changes queued in the outbox (migration 021), the
+    oldest one's age in seconds, and live memories no vector points at yet; None without the outbox."""
+    if not relation_exists(conn, "memory_vector_outbox"):
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        lag = cur.execute(VECTOR_OUTBOX).fetchone()
+    assert lag is not None
+    return {**lag, "memories_without_vector": int(scalar(conn, VECTOR_PENDING))}
 
 
 def _named(cur: psycopg.Cursor[Any]) -> dict[str, int]:

@@ -12,7 +12,8 @@ import platformdirs
 from .settings import private_dir
 
 LOG_NAME = "memory_migration.log"
-PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")
+PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer", "pymilvus.decorators", "milvus_lite",
+                    "grpc._server")  # milvus-lite's in-process server logs calls it does not implement
 _verbose = False
 
 
@@ -45,6 +46,7 @@ def third_party(*, verbose: bool) -> None:
 
 
 def quiet_pymilvus() -> None:
-    """pymilvus configures its own loggers when it is imported: keep them to errors unless verbose."""
+    """pymilvus configures its own loggers when it is imported and logs every refused call with its traceback:
+    the tool reports Milvus errors itself, once and without secrets, so they stay silent unless verbose."""
     for name in PYMILVUS_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if _verbose else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.NOTSET if _verbose else logging.CRITICAL)

@@ -2,6 +2,8 @@
 
 pymilvus reads ``MILVUS_URI`` when it is imported and refuses anything but a server address. The variable is
 hidden for the import and put back, so the tool's own reading of it (``settings.milvus_uri``) still works.
+pymilvus also logs every refused call with its traceback on stderr (its own handler, not propagated): the tool
+reports Milvus errors itself, once, without secrets, so pymilvus' loggers are silenced below CRITICAL.
 """
 
 from __future__ import annotations

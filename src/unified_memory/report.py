@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Callable
 from html import escape
 from pathlib import Path
@@ -19,6 +20,17 @@ from .validate import Check, ValidationReport
 
 if TYPE_CHECKING:  # the vector stack (pymilvus) is imported only by the commands that use it
     from .vectors import SearchResult, SyncResult, UpResult, VerifyResult
+
+
+_UNSAFE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, format (bidi) marks, surrogates, unassigned
+
+
+def safe(text: object) -> str:
+    """``text`` fit for a terminal: control, bidi and other invisible characters written as escapes
+    (``\\x1b``, ``\\u202e``), so memory text can neither drive the terminal nor reorder what is shown."""
+    return "".join(c if unicodedata.category(c) not in _UNSAFE else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                   else f"\\U{ord(c):08x}" for c in str(text))
 
 
 def _table(headers: list[str], rows: list[list[object]]) -> str:
@@ -166,7 +178,11 @@ def health_text(result: Health) -> str:
              "quality: " + ", ".join(f"{k} {v}" for k, v in result.quality.items()),
              f"last migration run: {run['run_id']} {run['status']} at {run['finished_at']}" if run
              else "last migration run: none",
-             f"quarantined legacy rows or items: {result.quarantined}", "",
+             f"quarantined legacy rows or items: {result.quarantined}",
+             "vector collection: " + (f"{result.vectors['queued_changes']} queued changes (oldest "
+                                      f"{result.vectors['oldest_change_seconds'] or 0:.0f} s), "
+                                      f"{result.vectors['memories_without_vector']} live memories without a vector"
+                                      if result.vectors else "not followed (migration 021 not applied)"), "",
              _table(["user_id", "memories"], [list(r) for r in result.top_tenants])]
     return "\n".join(lines)
 
@@ -240,8 +256,8 @@ def _md(text: str) -> str:
 def vector_sync(result: SyncResult) -> str:
     """``vectors sync``: entities written, vectors per source, memories without a vector and why."""
     data = result.to_dict()
-    lines = [f"synced {result.synced} memories into {result.collection} in {result.batches} batches "
-             f"({data['rows_per_second']:,.0f} rows/s)",
+    lines = [f"synced {result.synced} memories into {result.collection} and removed {result.removed} "
+             f"({result.changes} queued changes) in {result.batches} batches ({data['rows_per_second']:,.0f} rows/s)",
              "vector sources: " + (", ".join(f"{k} {v}" for k, v in sorted(result.sources.items())) or "none")]
     for reason, info in data["no_vector"].items():
         lines.append(f"no vector ({reason}): {info['count']}, e.g. {', '.join(info['sample_ids'][:3])}")
@@ -250,9 +266,9 @@ def vector_sync(result: SyncResult) -> str:
 
 def search_hits(result: SearchResult) -> str:
     """``vectors search``: the tenant's hits, best first (text shortened)."""
-    lines = [f"{len(result.hits)} hits for user {result.user_id} org {result.org_id or '-'} "
-             f"in {result.seconds * 1000:.0f} ms (audited in memory_access_log)"]
-    lines += [f"{h['score']:.3f}  {h['id']}  {h['memory_type']:<12} {str(h['text'])[:70]}" for h in result.hits]
+    lines = [f"{len(result.hits)} hits for user {safe(result.user_id)} org {safe(result.org_id or '-')} "
+             f"in {result.seconds * 1000:.0f} ms ({result.strategy} search; audited in memory_access_log)"]
+    lines += [f"{h['score']:.3f}  {h['id']}  {h['memory_type']:<12} {safe(str(h['text'])[:70])}" for h in result.hits]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ embedded pgserver. Secrets never leave this module unredacted: use :func:`redact
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -76,6 +77,16 @@ def redact(dsn: str) -> str:
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
     return f"postgresql://{params.get('user') or '?'}@{host}:{port}/{params.get('dbname') or '?'}"
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+_TOKEN = re.compile(r"(?i)(?P<key>\b(?:token|password|secret|api_key|apikey)=)[^&\s]*")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` (a Milvus URI, or a message quoting one) without credentials: the user-info part of every URL
+    (``user:password@``) and the value of any token/password query parameter become ``***``."""
+    return _TOKEN.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", text))
 
 
 def milvus_uri(env: Mapping[str, str] = os.environ, *, home: Path | None = None) -> str:

@@ -21,25 +21,13 @@ from psycopg.types.json import Jsonb
 
 from . import contract, reconcile
 from .backup import BackupManifest
+from .checks import FAIL, PASS, WARN, Check
 from .db import maintenance, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .shapes import LEGACY_TABLES, detect
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
-
-
-@dataclass
-class Check:
-    """One check's verdict and the evidence for it."""
-
-    name: str
-    status: str
-    message: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "message": self.message, "evidence": self.evidence}
+__all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
 
 
 @dataclass
