@@ -21,7 +21,7 @@ from psycopg import sql
 from . import batchsql, locks
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
-from .errors import ConfigError, MigrationError, SchemaError, translate
+from .errors import ConfigError, MigrationError, SchemaError, describe, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .shapes import Detected, detect
 
@@ -158,7 +158,7 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:
-        _close_ledger(conn, run, "failed" if isinstance(exc, Exception) else "interrupted", repr(exc)[:500])
+        _close_ledger(conn, run, "failed" if isinstance(exc, Exception) else "interrupted", describe(exc)[:500])
         raise
     _close_ledger(conn, run, run.status, None)
     if run.status != "succeeded":
