@@ -20,7 +20,7 @@ from unified_memory import fixtures, schema
 from unified_memory.backup import backup, default_path, verify
 from unified_memory.backupfile import KEY_ENV, BackupWriter, read_records
 from unified_memory.cli import app
-from unified_memory.errors import BackupIntegrityError, RollbackError, UnifiedMemoryError
+from unified_memory.errors import BackupIntegrityError, RollbackError
 from unified_memory.migrate import migrate
 from unified_memory.rollback import rollback
 
@@ -76,7 +76,7 @@ def test_a_forged_definition_neither_executes_nor_stays(conn: psycopg.Connection
     assert not verify(forged).authenticated  # consistent: it verifies, but nothing proves who wrote it
     before = snapshot(conn)
     memories = conn.execute("SELECT count(*) FROM memories").fetchone()
-    with pytest.raises(UnifiedMemoryError, match=re.escape(reason)) as info:
+    with pytest.raises(RollbackError, match=re.escape(reason)) as info:  # exit 9: refused, nothing changed
         rollback(conn, forged, yes=True)
     assert Path(SECRET_FILE).read_text().strip() not in str(info.value)
     assert snapshot(conn) == before and conn.execute("SELECT count(*) FROM memories").fetchone() == memories

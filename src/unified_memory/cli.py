@@ -291,8 +291,9 @@ def _backup_file(opts: Options, path: Path) -> Path:
 @backup_app.callback()
 def backup_cmd(ctx: typer.Context,
                out: Annotated[Path | None, typer.Option(
-                   help="Backup file (default: memory_migration_backup_YYYYMMDD_HHMMSS.umbk, UTC, in the backup "
-                        "directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups).", show_default=False)] = None,
+                   help="Backup file, never overwritten (default: memory_migration_backup_YYYYMMDD_HHMMSS_ffffff_"
+                        "<random>.umbk, UTC, in the backup directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups, "
+                        "which must be private to this user).", show_default=False)] = None,
                copy_format: Annotated[str, typer.Option(
                    help="COPY format of the data: binary (fast, exact) or text (readable by other tools).")
                ] = backup.COPY_FORMAT,

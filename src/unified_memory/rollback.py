@@ -32,7 +32,7 @@ from .backup import (
     verify,
 )
 from .db import maintenance, relation_exists, scalar
-from .errors import RollbackError, translate
+from .errors import RollbackError, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
 
@@ -131,6 +131,8 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
                     _add_constraints_and_indexes(conn, entry)
             conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(STAGE)))
             _undo_unified_side(conn, result, [t.table for t in tables], force=force)
+    except psycopg.errors.InsufficientPrivilege as exc:  # e.g. a forged expression the restore role may not run
+        raise RollbackError(f"rollback refused (nothing was changed): [42501] {redacted_message(exc)}") from exc
     except psycopg.Error as exc:
         raise translate(exc, "rollback (nothing was changed)") from exc
     result.seconds = time.monotonic() - started
