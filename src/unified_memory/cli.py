@@ -538,8 +538,14 @@ def demo_cmd(ctx: typer.Context,
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: a failure outside a command's own handling is still one ``FAILED:`` line."""
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - never a raw traceback unless --traceback
+        if "--traceback" in sys.argv[1:]:
+            _print_traceback(exc)
+        print(f"FAILED: unexpected error: {describe(exc)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

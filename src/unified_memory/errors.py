@@ -114,7 +114,10 @@ def describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} [{exc.sqlstate or 'no sqlstate'}] {redacted_message(exc)}"
     if isinstance(exc, UnifiedMemoryError):
         return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__ + (f" [errno {exc.errno}] {exc.strerror}" if isinstance(exc, OSError) else "")
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{type(exc).__name__} [errno {exc.errno}] {exc.strerror}{where}"
+    return type(exc).__name__
 
 
 def translate(exc: psycopg.Error, context: str) -> UnifiedMemoryError:
