@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,15 @@ from typing import Any
 import psycopg
 import pytest
 from catalog import snapshot
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from typer.testing import CliRunner
 
 from unified_memory import fixtures, schema
 from unified_memory.backup import backup, default_path, verify
 from unified_memory.backupfile import KEY_ENV, BackupWriter, read_records
 from unified_memory.cli import app
-from unified_memory.errors import BackupIntegrityError, RollbackError, UnifiedMemoryError
+from unified_memory.errors import BackupIntegrityError, RollbackError
 from unified_memory.migrate import migrate
 from unified_memory.rollback import rollback
 
@@ -73,7 +76,7 @@ def test_a_forged_definition_neither_executes_nor_stays(conn: psycopg.Connection
     assert not verify(forged).authenticated  # consistent: it verifies, but nothing proves who wrote it
     before = snapshot(conn)
     memories = conn.execute("SELECT count(*) FROM memories").fetchone()
-    with pytest.raises(UnifiedMemoryError, match=re.escape(reason)) as info:
+    with pytest.raises(RollbackError, match=re.escape(reason)) as info:  # exit 9: refused, nothing changed
         rollback(conn, forged, yes=True)
     assert Path(SECRET_FILE).read_text().strip() not in str(info.value)
     assert snapshot(conn) == before and conn.execute("SELECT count(*) FROM memories").fetchone() == memories
@@ -113,3 +116,35 @@ def test_with_a_key_set_an_unauthenticated_backup_is_refused(dsn: str, home: Pat
         assert refused.exit_code == 8 and "not authenticated" in refused.output, refused.output
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM memory_items").fetchone() == (20,)
+
+
+def test_a_maintenance_login_restores_through_the_restore_role(conn: psycopg.Connection, dsn: str,
+                                                                tmp_path: Path) -> None:
+    fixtures.create(conn, rows=30, shapes={"memory_items": "I1"})
+    schema.up(conn)
+    login = f"um_operator_{uuid.uuid4().hex[:8]}"
+    database = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE unified_memory_maintenance").format(
+        sql.Identifier(login)))
+    try:
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO unified_memory_maintenance").format(
+            sql.Identifier(database)))
+        conn.execute("GRANT CREATE ON SCHEMA public TO unified_memory_maintenance")
+        conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO unified_memory_maintenance")
+        manifest = backup(conn, default_path(tmp_path))
+        conn.execute("DROP TABLE memory_items CASCADE")
+        params = conninfo_to_dict(dsn)
+        params.update(user=login, password="pw")
+        with psycopg.connect(make_conninfo(**params), autocommit=True) as operator:  # type: ignore[arg-type]
+            assert operator.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (
+                False,)
+            result = rollback(operator, manifest.path, yes=True)
+        assert result.tables["memory_items"].action == "restored"
+        assert conn.execute("SELECT count(*), pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = "
+                            "'memory_items'::regclass)) FROM memory_items").fetchone() == (
+            30, "unified_memory_maintenance")
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relowner = (SELECT oid FROM pg_roles "
+                            "WHERE rolname = 'unified_memory_restore')").fetchone() == (0,)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from crash import kill_when, spawn
 from typer.testing import CliRunner
 
 from unified_memory import fixtures, schema
@@ -145,3 +146,17 @@ def test_read_back_refuses_a_backup_that_does_not_verify(conn: psycopg.Connectio
     manifest.path.write_bytes(bytes(data))
     with pytest.raises(BackupIntegrityError):
         read_back(manifest, secret=None)
+
+
+def test_a_backup_killed_mid_copy_leaves_nothing_trusted_and_the_next_one_cleans_up(dsn: str, home: Path) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        fixtures.create(conn, rows=3000)
+    backups = home / "backups"
+    proc = spawn(["--dsn", dsn, "-q", "backup", "--copy-format", "text"], env={"UNIFIED_MEMORY_HOME": str(home)})
+    assert kill_when(proc, dsn, state="active", query_prefix="COPY", nth=2), "the kill should land mid-backup"
+    left = sorted(p.name for p in backups.iterdir())
+    assert left and all(n.startswith(".memory_migration_backup_") and n.endswith(".partial") for n in left)
+    done = CliRunner().invoke(app, ["--dsn", dsn, "--json", "backup"], env={"UNIFIED_MEMORY_HOME": str(home)})
+    assert done.exit_code == 0, done.output
+    (final,) = sorted(backups.iterdir())  # the leftover is gone; only the new, complete file is there
+    assert verify(final).tables["memory_items"].rows == 3000

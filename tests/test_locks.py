@@ -77,3 +77,26 @@ def test_a_lock_is_released_and_reentrant(unified: psycopg.Connection, dsn: str)
         pass
     assert unified.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
                            ).fetchone() == (0,)
+
+
+def test_vectors_sync_waits_for_a_rollback_then_exits_4(unified: psycopg.Connection, dsn: str, home: Path) -> None:
+    with locks.hold(unified, "rollback", 0):
+        result = CliRunner().invoke(app, ["--dsn", dsn, "--lock-wait", "0.3", "vectors", "sync", "--dim", "8"])
+    assert result.exit_code == 4, result.output
+    assert "another rollback is running" in result.output and "vectors sync waited 0.3 s" in result.output
+
+
+def test_a_runs_rolled_back_status_is_never_overwritten(unified: psycopg.Connection, dsn: str) -> None:
+    fixtures.create(unified, rows=100)
+    marked = threading.Event()
+
+    def mark_rolled_back(*_: object) -> None:  # an operator marks the ledger by hand while the run goes on
+        if not marked.is_set():
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute("UPDATE memory_migration_runs SET status = 'rolled_back' WHERE status = 'running'")
+            marked.set()
+
+    with psycopg.connect(dsn, autocommit=True) as runner:
+        run = migrate(runner, MigrationOptions(batch_size=30), progress=mark_rolled_back)
+    assert run.status == "succeeded" and marked.is_set()
+    assert unified.execute("SELECT status FROM memory_migration_runs").fetchall() == [("rolled_back",)]

@@ -5,6 +5,7 @@ code documented in the README; ``--traceback`` shows more.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import typer
 from . import backup, fixtures, locks, logs, metrics, report, schema
 from .backupfile import load_key
 from .db import DEMO_DATABASE, Target, connect, fresh_database, on_database, target_for
-from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError
+from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError, describe, translate
 from .health import health
 from .migrate import MigrationOptions, migrate
 from .progress import reporter
@@ -116,22 +117,44 @@ def options(ctx: typer.Context, json_flag: bool = False) -> Options:
 
 @contextmanager
 def failures(opts: Options) -> Iterator[None]:
-    """Map the error root to its exit code with one ``FAILED:`` line."""
+    """Map every failure to its exit code with one ``FAILED:`` line (a traceback only with ``--traceback``)."""
     try:
         yield
     except UnifiedMemoryError as exc:
-        _fail(opts, str(exc), exc.exit_code)
+        _fail(opts, str(exc), exc.exit_code, exc)
     except psycopg.Error as exc:
-        _fail(opts, f"database error [{exc.sqlstate}] {exc.diag.message_primary or type(exc).__name__}", 1)
+        found = translate(exc, "database error")
+        _fail(opts, str(found), found.exit_code, exc)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            _fail(opts, f"disk full writing {exc.filename or 'a file'}: free space, then run the command again "
+                        "(what was half written was removed or is ignored)", 1, exc)
+        _fail(opts, f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".rstrip(": "), 1, exc)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one FAILED line, never a raw traceback (unless --traceback)
+        _fail(opts, f"unexpected error: {describe(exc)}", 1, exc)
 
 
-def _fail(opts: Options, message: str, code: int) -> None:
-    if opts.traceback:
-        traceback.print_exc()
+def _fail(opts: Options, message: str, code: int, exc: BaseException | None = None) -> None:
+    if opts.traceback and exc is not None:
+        _print_traceback(exc)
     if opts.json:
         print(json.dumps({"status": "failed", "error": message, "exit_code": code}))
     print(f"FAILED: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """Each exception of the chain: its frames (code, no values) and a redacted one-line message."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in reversed(chain):
+        print("Traceback (most recent call last):\n" + "".join(traceback.format_tb(item.__traceback__))
+              + describe(item), file=sys.stderr)
 
 
 def emit(opts: Options, result: Any, human: Callable[[Any], str]) -> None:
@@ -168,7 +191,8 @@ def schema_up(ctx: typer.Context,
 
 @schema_app.command("down")
 def schema_down(ctx: typer.Context,
-                steps: Annotated[int, typer.Option(help="How many applied files to undo, newest first.")] = 1,
+                steps: Annotated[int, typer.Option(min=1, max=999,
+                                                   help="How many applied files to undo, newest first.")] = 1,
                 force: Annotated[bool, typer.Option(
                     help="Drop tables even when they hold rows (memories, the quarantine, kept vectors, the "
                          "ledger); without it, such a down is refused and names them.")] = False,
@@ -197,7 +221,7 @@ def _parse_shapes(values: list[str]) -> dict[str, str]:
 
 @legacy_app.command("create")
 def legacy_create(ctx: typer.Context,
-                  rows: Annotated[int, typer.Option(help="Rows per legacy table.")] = 1000,
+                  rows: Annotated[int, typer.Option(min=0, max=100_000_000, help="Rows per legacy table.")] = 1000,
                   shape: Annotated[list[str] | None, typer.Option(
                       help="TABLE=SHAPE (memory_items=I1|I2|I3, memory_entries=E1|E2, web_ui_memory_entries=W1, "
                            "long_term_memory=L1); repeatable.")] = None,
@@ -216,17 +240,21 @@ def legacy_create(ctx: typer.Context,
 def migrate_cmd(
     ctx: typer.Context,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: the real path, rolled back.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch (one transaction each).")] = 20000,
-    max_batch_bytes: Annotated[int, typer.Option(help="Bytes per batch at most (large texts).")] = 32 << 20,
+    batch_size: Annotated[int, typer.Option(min=1, max=1_000_000, help="Rows per batch (one transaction each).")
+                          ] = 20000,
+    max_batch_bytes: Annotated[int, typer.Option(min=1024, max=1 << 34, help="Bytes per batch at most (large texts).")
+                               ] = 32 << 20,
     tables: Annotated[list[str] | None, typer.Option("--tables", help="Only these legacy tables (repeatable); "
                                                      "precedence order stays fixed.")] = None,
     source_timezone: Annotated[str, typer.Option(help="Time zone of naive legacy TIMESTAMPs.")] = "UTC",
     expiry: Annotated[str, typer.Option(help="'arrival': expiry counts from the migration; 'created': from the "
                                              "legacy created_at (old rows may arrive expired).")] = "arrival",
-    pause_ms: Annotated[int, typer.Option(help="Pause between batches, to throttle during busy hours.")] = 0,
+    pause_ms: Annotated[int, typer.Option(min=0, max=3_600_000,
+                                          help="Pause between batches, to throttle during busy hours.")] = 0,
     no_backup: Annotated[bool, typer.Option("--no-backup", help="Skip the backup before the first write.")] = False,
-    jobs: Annotated[int, typer.Option(help="Parallel connections (key ranges, index builds); 0: the server's "
-                                           "core count as far as it can tell, capped at 16.")] = 0,
+    jobs: Annotated[int, typer.Option(min=0, max=64, help="Parallel connections (key ranges, index builds); 0: the "
+                                                          "server's core count as far as it can tell, capped at 16.")
+                    ] = 0,
     key_file: KeyFileOpt = None,
     json_flag: JsonOpt = False,
 ) -> None:
@@ -271,8 +299,9 @@ def _backup_file(opts: Options, path: Path) -> Path:
 @backup_app.callback()
 def backup_cmd(ctx: typer.Context,
                out: Annotated[Path | None, typer.Option(
-                   help="Backup file (default: memory_migration_backup_YYYYMMDD_HHMMSS.umbk, UTC, in the backup "
-                        "directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups).", show_default=False)] = None,
+                   help="Backup file, never overwritten (default: memory_migration_backup_YYYYMMDD_HHMMSS_ffffff_"
+                        "<random>.umbk, UTC, in the backup directory: UNIFIED_MEMORY_BACKUP_DIR or <data dir>/backups, "
+                        "which must be private to this user).", show_default=False)] = None,
                copy_format: Annotated[str, typer.Option(
                    help="COPY format of the data: binary (fast, exact) or text (readable by other tools).")
                ] = backup.COPY_FORMAT,
@@ -537,7 +566,8 @@ def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help=
 # ---------------------------------------------------------------------------------------------- demo
 @app.command("demo")
 def demo_cmd(ctx: typer.Context,
-             rows: Annotated[int, typer.Option(help="Synthetic rows per legacy table.")] = 20000,
+             rows: Annotated[int, typer.Option(min=1, max=100_000_000, help="Synthetic rows per legacy table.")
+                             ] = 20000,
              json_flag: JsonOpt = False) -> None:
     """The main job end to end on a fresh demo database (embedded PostgreSQL and Milvus Lite by default)."""
     from . import vectors
@@ -572,8 +602,14 @@ def demo_cmd(ctx: typer.Context,
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: a failure outside a command's own handling is still one ``FAILED:`` line."""
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - never a raw traceback unless --traceback
+        if "--traceback" in sys.argv[1:]:
+            _print_traceback(exc)
+        print(f"FAILED: unexpected error: {describe(exc)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.abc import Params
 
 from .errors import DatabaseUnavailable, UnifiedMemoryError
-from .settings import private_dir, redact
+from .settings import check_dsn, private_dir, redact
 
 EMBEDDED_DATABASE = "unified_memory"
 DEMO_DATABASE = "unified_memory_demo"
@@ -140,6 +140,7 @@ def target_for(dsn: str | None, data_dir: Path, *, quiet: bool = False) -> Targe
     """The configured server, or the embedded one when nothing is configured."""
     if dsn is None:
         return start_embedded(data_dir, quiet=quiet)
+    check_dsn(dsn)
     return Target(dsn, redact(dsn))
 
 

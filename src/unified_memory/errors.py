@@ -5,6 +5,8 @@ Driver errors are translated once, by SQLSTATE class, never by message text.
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 
 
@@ -88,12 +90,49 @@ class VectorStoreError(UnifiedMemoryError):
     exit_code = 11
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+
+
+def redacted_message(exc: psycopg.Error) -> str:
+    """The error's primary message without the data it may quote, and never its DETAIL or CONTEXT lines.
+
+    PostgreSQL's CONTEXT (``JSON data, line 1: ...``) and DETAIL (``Key (id)=(...)``) quote row values, and a
+    data exception's primary message quotes the offending value (``invalid input syntax for type uuid: "..."``):
+    memory text must reach no ledger, log or traceback.
+    """
+    primary = exc.diag.message_primary
+    if primary is None:  # a client-side error: its first line only
+        primary = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if (exc.sqlstate or "")[:2] in ("22", "P0") or exc.sqlstate is None:  # these quote values; others names
+        primary = _QUOTED.sub('"..."', primary)
+    return primary
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of any exception that is safe for ledgers and logs."""
+    if isinstance(exc, psycopg.Error):
+        return f"{type(exc).__name__} [{exc.sqlstate or 'no sqlstate'}] {redacted_message(exc)}"
+    if isinstance(exc, UnifiedMemoryError):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{type(exc).__name__} [errno {exc.errno}] {exc.strerror}{where}"
+    return type(exc).__name__
+
+
 def translate(exc: psycopg.Error, context: str) -> UnifiedMemoryError:
-    """Map a driver error to the tool's hierarchy by SQLSTATE class (never by message text)."""
+    """Map a driver error to the tool's hierarchy by SQLSTATE class (never by message text).
+
+    Lost connections (08), a backend terminated or a server shutting down (57P01-57P03) are transient (3).
+    """
     state = exc.sqlstate or ""
-    detail = f"{context}: {type(exc).__name__} [{state or 'no sqlstate'}] {exc.diag.message_primary or exc}"
-    if isinstance(exc, psycopg.OperationalError) and not state or state.startswith("08"):
+    detail = f"{context}: {type(exc).__name__} [{state or 'no sqlstate'}] {redacted_message(exc)}"
+    if isinstance(exc, psycopg.OperationalError) and not state or state.startswith("08") \
+            or state in ("57P01", "57P02", "57P03"):
         return DatabaseUnavailable(detail)
     if state in ("55P03", "40P01", "40001"):
         return LockBusy(detail)
+    if state == "53100":
+        return UnifiedMemoryError(f"{context}: the database server's disk is full [53100]; free space, then run "
+                                  "the command again (a re-run completes the work)")
     return UnifiedMemoryError(detail)

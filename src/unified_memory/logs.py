@@ -20,8 +20,11 @@ _verbose = False
 def setup(home: Path) -> Path:
     """Send the tool's log records to ``home/memory_migration.log`` (created 0600); return its path."""
     path = private_dir(home) / LOG_NAME
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.close(fd)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # also when it existed before with a wider mode
+    finally:
+        os.close(fd)
     root = logging.getLogger("unified_memory")
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
         handler = logging.FileHandler(path, encoding="utf-8")

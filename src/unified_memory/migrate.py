@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 from . import batchsql, locks, ranges
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
-from .errors import ConfigError, MigrationError, SchemaError, translate
+from .errors import ConfigError, MigrationError, SchemaError, describe, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .parallel import MAX_JOBS, WORK_MEM, Phases, Workers, default_jobs, server_cores
 from .shapes import Detected, check_relation, detect
@@ -181,7 +181,7 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         run.accounts = _accounts(workers, present, run.phases)
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:
-        _close_ledger(conn, run, "failed" if isinstance(exc, Exception) else "interrupted", repr(exc)[:500])
+        _close_ledger(conn, run, "failed" if isinstance(exc, Exception) else "interrupted", describe(exc)[:500])
         raise
     _close_ledger(conn, run, run.status, None)
     if run.status != "succeeded":

@@ -31,7 +31,8 @@ from .errors import RollbackError
 RESTORE_ROLE = "unified_memory_restore"
 
 _OLD_TYPE = re.compile(r"^[a-z][a-z0-9_ ]*(\(\d+(,\s*\d+)?\))?( with(out)? time zone)?(\[\])*$")
-_INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX [a-z0-9_\"]+ ON [a-z0-9_\".]+ USING ", re.IGNORECASE)
+_INDEX = re.compile(r"^CREATE (?P<unique>UNIQUE )?INDEX (?:[a-z0-9_]+|\"(?:[^\"]|\"\")+\") ON (?:ONLY )?"
+                    r"[a-z0-9_\".]+ USING (?P<rest>.+)$", re.DOTALL)
 _NAME = r"(?:[a-z_][a-z0-9_$]*|\"(?:[^\"]|\"\")+\")"
 _NAMES = rf"\({_NAME}(?:, {_NAME})*\)"
 _ACTION = r"(?:NO ACTION|RESTRICT|CASCADE|SET NULL|SET DEFAULT)"
@@ -138,42 +139,43 @@ def _fragment(text: str) -> str:
 
 
 def add_constraints_and_indexes(conn: psycopg.Connection, table: sql.Identifier, definition: dict[str, Any]) -> None:
-    """Constraints and indexes as the restore role; a foreign key (no expression, checked whole) as the caller,
-    since it needs the referenced table's REFERENCES privilege."""
-    with _may_create_in(conn, str(scalar(conn, "SELECT current_schema()"))):
-        _add_all(conn, table, definition)
+    """Every constraint but foreign keys, and every index, on ``table`` (a staged one), as the restore role."""
+    with restricted(conn):
+        for constraint in definition["constraints"]:
+            if constraint["type"] != "f":
+                conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    table, sql.Identifier(constraint["name"]), sql.SQL(_fragment(constraint["definition"]))))
+        for index in definition["indexes"]:
+            found = _INDEX.match(index["definition"])
+            if not found:
+                raise RollbackError(f"{index['name']}: unexpected index definition in the backup")
+            conn.execute(sql.SQL("CREATE {}INDEX {} ON {} USING {}").format(
+                sql.SQL("UNIQUE " if found.group("unique") else ""), sql.Identifier(index["name"]), table,
+                sql.SQL(_fragment(found.group("rest")))))
 
 
-@contextmanager
-def _may_create_in(conn: psycopg.Connection, schema: str) -> Iterator[None]:
-    """Indexes are new relations in the table's schema: the restore role may create there for this transaction."""
-    if scalar(conn, "SELECT has_schema_privilege(%s, %s, 'CREATE')", [RESTORE_ROLE, schema]) is True:
-        yield
-        return
-    grant = sql.SQL("{} CREATE ON SCHEMA {} {} {}")
-    conn.execute(grant.format(sql.SQL("GRANT"), sql.Identifier(schema), sql.SQL("TO"), sql.Identifier(RESTORE_ROLE)))
-    yield
-    conn.execute(grant.format(sql.SQL("REVOKE"), sql.Identifier(schema), sql.SQL("FROM"),
-                              sql.Identifier(RESTORE_ROLE)))
-
-
-def _add_all(conn: psycopg.Connection, table: sql.Identifier, definition: dict[str, Any]) -> None:
+def add_foreign_keys(conn: psycopg.Connection, table: sql.Identifier, definition: dict[str, Any]) -> None:
+    """Foreign keys (no expression; each checked whole) as the caller: they need REFERENCES on their target."""
     for constraint in definition["constraints"]:
-        text = _fragment(constraint["definition"])
-        statement = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-            table, sql.Identifier(constraint["name"]), sql.SQL(text))
         if constraint["type"] == "f":
-            if not _FOREIGN_KEY.match(text):
+            if not _FOREIGN_KEY.match(constraint["definition"]):
                 raise RollbackError(f"{constraint['name']}: unexpected foreign key definition in the backup")
-            conn.execute(statement)
-            continue
-        with restricted(conn):
-            conn.execute(statement)
-    for index in definition["indexes"]:
-        if not _INDEX.match(index["definition"]):
-            raise RollbackError(f"{index['name']}: unexpected index definition in the backup")
-        with restricted(conn):
-            conn.execute(sql.SQL(_fragment(index["definition"])))
+            conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                table, sql.Identifier(constraint["name"]), sql.SQL(_fragment(constraint["definition"]))))
+
+
+def refuse_privileged_calls(conn: psycopg.Connection, table: sql.Identifier) -> None:
+    """Refuse ``table`` when a default, constraint or index calls a function the restore role may not execute.
+
+    Such an expression may not have run yet (an empty table, a NOT VALID check, a default): it would run later
+    with the privileges of whoever writes the table.
+    """
+    name = table.as_string(conn)
+    with conn.cursor(row_factory=dict_row) as cur:
+        called = [r["function"] for r in cur.execute(_FUNCTIONS, {"t": name, "role": RESTORE_ROLE})]
+    if called:
+        raise RollbackError(f"{name}: a default, constraint or index of the backup calls {', '.join(called)}, "
+                            "which a restore may not run; refusing the backup (nothing was changed)")
 
 
 def prove_and_hand_over(conn: psycopg.Connection, table: sql.Identifier, columns: list[dict[str, Any]],
@@ -184,7 +186,6 @@ def prove_and_hand_over(conn: psycopg.Connection, table: sql.Identifier, columns
     with conn.cursor(row_factory=dict_row) as cur:
         actual = [(r["name"], r["type"]) for r in cur.execute(_ACTUAL_COLUMNS, [name])]
         names = cur.execute(_ACTUAL_NAMES, {"t": name}).fetchone()
-        called = [r["function"] for r in cur.execute(_FUNCTIONS, {"t": name, "role": RESTORE_ROLE})]
     expected = [(c["name"], column_type(conn, c)) for c in columns]
     if actual != expected:
         raise RollbackError(f"{name}: the restored columns differ from the backup's definition (forged?)")
@@ -192,7 +193,5 @@ def prove_and_hand_over(conn: psycopg.Connection, table: sql.Identifier, columns
     if (sorted(names["constraints"]) != sorted(c["name"] for c in definition["constraints"])
             or sorted(names["indexes"]) != sorted(i["name"] for i in definition["indexes"])):
         raise RollbackError(f"{name}: the restored constraints or indexes differ from the backup's definition")
-    if called:
-        raise RollbackError(f"{name}: a default, constraint or index of the backup calls {', '.join(called)}, "
-                            "which a restore may not run; refusing the backup (nothing was changed)")
+    refuse_privileged_calls(conn, table)
     conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(table, sql.Identifier(owner)))

@@ -32,7 +32,7 @@ from .backup import (
     verify,
 )
 from .db import maintenance, relation_exists, scalar
-from .errors import RollbackError, translate
+from .errors import RollbackError, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
 
@@ -131,6 +131,8 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
                     _add_constraints_and_indexes(conn, entry)
             conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(STAGE)))
             _undo_unified_side(conn, result, [t.table for t in tables], force=force)
+    except psycopg.errors.InsufficientPrivilege as exc:  # e.g. a forged expression the restore role may not run
+        raise RollbackError(f"rollback refused (nothing was changed): [42501] {redacted_message(exc)}") from exc
     except psycopg.Error as exc:
         raise translate(exc, "rollback (nothing was changed)") from exc
     result.seconds = time.monotonic() - started
@@ -195,6 +197,7 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
         raise RollbackError(f"{entry.table} was backed up from schema {entry.definition['schema']}, not {here}")
     staged, live = sql.Identifier(STAGE, entry.table), sql.Identifier(entry.table)
     if not relation_exists(conn, sql.Identifier(entry.table).as_string(conn)):
+        _build_in_stage(conn, entry)
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(here)))
         return TableRestore(entry.table, "restored", entry.rows)
     if row_checksum(conn, live) == row_checksum(conn, staged):
@@ -203,6 +206,7 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
     columns = sql.SQL(", ").join(map(sql.Identifier, entry.column_names))
     added = _count_except(conn, live, staged, columns)
     missing = _count_except(conn, staged, live, columns)
+    _build_in_stage(conn, entry)
     saved_name = _saved_name(conn, entry.table)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SAVED)))
     conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(live, sql.Identifier(SAVED)))
@@ -229,9 +233,17 @@ def _saved_name(conn: psycopg.Connection, table: str) -> str:
     return name
 
 
+def _build_in_stage(conn: psycopg.Connection, entry: TableBackup) -> None:
+    """Constraints and indexes on the staged table, as the restore role, proven before any row is added to it."""
+    staged = sql.Identifier(STAGE, entry.table)
+    restore.add_constraints_and_indexes(conn, staged, entry.definition)
+    restore.refuse_privileged_calls(conn, staged)
+
+
 def _add_constraints_and_indexes(conn: psycopg.Connection, entry: TableBackup) -> None:
+    """Foreign keys once every table is in place; then prove the table and hand it to the caller's role."""
     live, owner = sql.Identifier(entry.table), str(scalar(conn, "SELECT current_user"))
-    restore.add_constraints_and_indexes(conn, live, entry.definition)
+    restore.add_foreign_keys(conn, live, entry.definition)
     restore.prove_and_hand_over(conn, live, entry.definition["columns"], entry.definition, owner=owner)
 
 

@@ -50,7 +50,8 @@ def backup_dir(home: Path, env: Mapping[str, str] = os.environ) -> Path:
 def write_private(path: Path, text: str) -> Path:
     """Write a report readable by its owner only (0600): reports name tenants."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # also when it existed before with a wider mode
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
     return path
@@ -66,6 +67,36 @@ def resolve_dsn(dsn: str | None, env: Mapping[str, str] = os.environ) -> str | N
     if "host" in params or "dbname" in params:
         return make_conninfo(**params)
     return None
+
+
+_INTEGER_PARAMETERS = {"connect_timeout": (0, 86400), "keepalives": (0, 1), "keepalives_idle": (0, 2**31 - 1),
+                       "keepalives_interval": (0, 2**31 - 1), "keepalives_count": (0, 2**31 - 1),
+                       "tcp_user_timeout": (0, 2**31 - 1)}
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a connection string with a bad value (exit 2) before anything runs; the message shows no secret.
+
+    Raises:
+        ConfigError: malformed, or a numeric parameter (connect_timeout, port, keepalives...) out of range.
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception as exc:  # psycopg raises ProgrammingError for a malformed string
+        raise ConfigError("the connection string is malformed (not shown: it may contain a secret)") from exc
+    for key, (low, high) in _INTEGER_PARAMETERS.items():
+        _check_integer(key, params.get(key), low, high)
+    for port in str(params.get("port") or "").split(","):
+        _check_integer("port", port or None, 1, 65535)
+
+
+def _check_integer(key: str, value: object, low: int, high: int) -> None:
+    if value is None:
+        return
+    text = str(value).strip()
+    if not (text.isdigit() and low <= int(text) <= high):
+        raise ConfigError(f"the connection string's {key} must be a whole number from {low} to {high}; got "
+                          f"{text[:20]!r}")
 
 
 def redact(dsn: str) -> str:
