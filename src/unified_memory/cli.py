@@ -149,9 +149,12 @@ def run(ctx: typer.Context, work: Callable[[psycopg.Connection], Any], human: Ca
 def schema_up(ctx: typer.Context,
               target: Annotated[str | None, typer.Option(help="Stop after this version, e.g. 016.")] = None,
               lock_wait: Annotated[float, typer.Option(help="Seconds to wait for another run's lock.")] = 10.0,
+              dry_run: Annotated[bool, typer.Option(help="Show what would change (an adoption is run and rolled "
+                                                         "back); change nothing.")] = False,
               json_flag: JsonOpt = False) -> None:
-    """Apply every pending schema file, each in one transaction."""
-    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait), report.schema_result, json_flag)
+    """Apply every pending schema file, each in one transaction (adopting a first-implementation 016)."""
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=lock_wait, dry_run=dry_run),
+        report.schema_result, json_flag)
 
 
 @schema_app.command("down")
