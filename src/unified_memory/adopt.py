@@ -226,6 +226,7 @@ def adopt(conn: psycopg.Connection, found: Found, statements: list[sqlfile.State
     run_file("017")
     report.claimed = claim(conn, source_timezone)
     report.application_rows = _scalar_int(conn, "SELECT count(*) FROM memories WHERE source_table IS NULL")
+    conn.execute("ANALYZE memories")
     conn.execute(sql.SQL("UPDATE {} i SET version_after = m.version FROM memories m "
                          "WHERE i.table_name = 'memories' AND m.id = i.current_id").format(sql.Identifier(IMAGES)))
     conn.execute(sql.SQL("INSERT INTO {} (variant, found_shape, report) VALUES (%s, %s, %s)").format(

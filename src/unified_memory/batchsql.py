@@ -106,6 +106,7 @@ item_q AS (
     SELECT {table}, m.source_key, coalesce(m.reason, 'duplicate_id'), CASE WHEN m.reason IS NULL THEN m.id END,
            to_jsonb(m.raw_row), %(run_id)s
     FROM mapped m WHERE m.reason IS NOT NULL OR NOT EXISTS (SELECT 1 FROM ins WHERE ins.source_key = m.source_key)
+        AND NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = m.source_key)
     RETURNING reason
 ){row_q}
 SELECT {rows}, {items}, (SELECT count(*) FROM ins), (SELECT count(*) FROM vectors),
