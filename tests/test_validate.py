@@ -38,8 +38,9 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "rls_disabled": (("ALTER TABLE memory_access_log DISABLE ROW LEVEL SECURITY",),
                      {"isolation.rls", "isolation.sessions"}),
     "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes"}),
-    "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(p_created_at TIMESTAMPTZ, "
-                           "p_neuro_type TEXT, p_importance INTEGER DEFAULT 5, p_access_count INTEGER DEFAULT 0) "
+    "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(memory_created_at TIMESTAMPTZ, "
+                           "memory_neuro_type TEXT DEFAULT 'episodic', memory_importance_score INTEGER DEFAULT 5, "
+                           "memory_access_count INTEGER DEFAULT 0) "
                            "RETURNS REAL LANGUAGE sql STABLE AS $$ SELECT 2.0::real $$",),
                           {"functions.decay_score"}),
     "column_missing": (("ALTER TABLE memory_access_log DROP COLUMN meta",), {"schema.columns"}),

@@ -163,6 +163,13 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
             result.files += [by_version[v].path.name + " (adopted)" * (v == "016") for v in ("016", "017")]
             files = [mf for mf in files if mf.version not in ("016", "017")]
         for mf in files:
+            if mf.path.name in current.unrecorded:
+                # applied with psql (atomic: its objects exist, so all of it committed): recorded, not re-run
+                if not dry_run:
+                    with conn.transaction():
+                        _record(conn, mf, time.monotonic())
+                result.files.append(mf.path.name + " (recorded: applied outside the runner)")
+                continue
             if not dry_run:
                 _run_with_retries(conn, mf.path, lock_timeout_ms, retries, record=mf)
             result.files.append(mf.path.name)
