@@ -34,16 +34,16 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                            "(SELECT id FROM memories WHERE source_table = 'long_term_memory' "
                                            "ORDER BY id LIMIT 1)",),
                                           {"reconciliation.content.long_term_memory"}),
-    "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls"}),
+    "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls", "schema.drift"}),
     "rls_disabled": (("ALTER TABLE memory_access_log DISABLE ROW LEVEL SECURITY",),
-                     {"isolation.rls", "isolation.sessions"}),
-    "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes"}),
+                     {"isolation.rls", "isolation.sessions", "schema.drift"}),
+    "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes", "schema.drift"}),
     "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(memory_created_at TIMESTAMPTZ, "
                            "memory_neuro_type TEXT DEFAULT 'episodic', memory_importance_score INTEGER DEFAULT 5, "
                            "memory_access_count INTEGER DEFAULT 0) "
                            "RETURNS REAL LANGUAGE sql STABLE AS $$ SELECT 2.0::real $$",),
-                          {"functions.decay_score"}),
-    "column_missing": (("ALTER TABLE memory_access_log DROP COLUMN meta",), {"schema.columns"}),
+                          {"functions.decay_score", "schema.drift"}),
+    "column_missing": (("ALTER TABLE memory_access_log DROP COLUMN meta",), {"schema.columns", "schema.drift"}),
     "legacy_row_added_after_migration": (("INSERT INTO long_term_memory VALUES ('late', '[{\"content\": \"x\"}]')",),
                                          {"reconciliation.counts.long_term_memory"}),
     "legacy_overload_left": (("CREATE FUNCTION update_memory_access(p_id UUID) RETURNS VOID LANGUAGE sql "
@@ -52,17 +52,17 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                      "UPDATE memories SET importance = 11 WHERE id = "
                                      "(SELECT id FROM memories WHERE source_table = 'memory_entries' "
                                      "ORDER BY id LIMIT 1)"),
-                                    {"schema.constraints", "integrity.importance_range",
+                                    {"schema.constraints", "integrity.importance_range", "schema.drift",
                                      "reconciliation.content.memory_entries"}),
     "expired_on_arrival": (("UPDATE memories SET expires_at = migrated_at - interval '1 day' WHERE id = "
                             "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)",),
                            {"integrity.expired_on_arrival"}),
     "trigger_disabled": (("ALTER TABLE memories DISABLE TRIGGER memories_before_update",),
-                         {"schema.triggers", "functions.version_and_expiry"}),
+                         {"schema.triggers", "functions.version_and_expiry", "schema.drift"}),
     "owner_blanked": (("ALTER TABLE memories DROP CONSTRAINT memories_user_id_not_blank",
                        "UPDATE memories SET user_id = ' ' WHERE id = "
                        "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)"),
-                      {"isolation.owners", "reconciliation.content.memory_entries"}),
+                      {"isolation.owners", "reconciliation.content.memory_entries", "schema.drift"}),
 }
 
 

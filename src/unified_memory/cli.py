@@ -166,9 +166,17 @@ def schema_down(ctx: typer.Context,
     run(ctx, lambda conn: schema.down(conn, steps=steps, force=force), report.schema_result, json_flag)
 
 
+@schema_app.command("repair")
+def schema_repair(ctx: typer.Context,
+                  lock_wait: Annotated[float, typer.Option(help="Seconds to wait for another run's lock.")] = 10.0,
+                  json_flag: JsonOpt = False) -> None:
+    """Recreate objects of applied schema files that are missing or altered (one transaction)."""
+    run(ctx, lambda conn: schema.repair(conn, lock_wait=lock_wait), report.schema_result, json_flag)
+
+
 @schema_app.command("status")
 def schema_status(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
-    """List applied and pending schema files, and applied files edited since."""
+    """List applied and pending schema files, applied files edited since, and objects that drifted."""
     run(ctx, schema.status, report.schema_status, json_flag)
 
 

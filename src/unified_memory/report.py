@@ -30,7 +30,7 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
 
 def schema_result(result: SchemaResult) -> str:
     """``schema up`` / ``schema down``: the files run (or, for a dry run, to run), and an adoption's report."""
-    files = ", ".join(result.files) or "nothing to do"
+    files = ", ".join(result.files) or ("nothing to repair" if result.action == "repair" else "nothing to do")
     verb = f"schema {result.action} --dry-run (nothing was changed), would apply" if result.dry_run \
         else f"schema {result.action}"
     lines = [f"{verb}: {files} ({result.seconds:.2f} s)"]
@@ -73,6 +73,10 @@ def schema_status(result: SchemaStatus) -> str:
     if result.adoptable:
         lines.append(f"FIRST IMPLEMENTATION's 016 found ({result.adoptable}): `schema up --dry-run` shows the "
                      "conversion, `schema up` adopts it")
+    lines += [f"DRIFT    {d['kind']} {d['name']} of {d['version']} is {d['problem']}; `schema repair` recreates it"
+              for d in result.drift]
+    lines += [f"untracked {name}: applied before drift was recorded; not checked for drift"
+              for name in result.untracked]
     if result.adopted:
         lines.append("016 was adopted from the first implementation (`schema down` restores its shape and rows)")
     return "\n".join(lines) or "no migration files"

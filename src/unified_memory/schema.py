@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from . import adopt, sqlfile
+from . import adopt, drift, sqlfile
 from .db import relation_exists
 from .errors import LockBusy, SchemaError
 
 _T = TypeVar("_T")
 
-TRACKING_TABLE = "unified_memory_schema_migrations"
+TRACKING_TABLE = drift.LEDGER
 SCHEMA_LOCK = (0x756D, 16)  # advisory lock key pair: 'um', migration 016 family
 
 _CREATE_TRACKING = sql.SQL(
@@ -66,10 +66,13 @@ class SchemaStatus:
     unrecorded: list[str] = field(default_factory=list)  # pending files whose objects exist (applied with psql)
     adoptable: str | None = None  # the first implementation's 016 found here (its variant)
     adopted: bool = False  # our 016 is recorded as an adoption of the first implementation's
+    drift: list[dict[str, str]] = field(default_factory=list)  # objects of applied files missing or altered
+    untracked: list[str] = field(default_factory=list)  # applied before fingerprints were recorded
 
     def to_dict(self) -> dict[str, object]:
         return {"applied": self.applied, "pending": self.pending, "edited": self.edited,
-                "unrecorded": self.unrecorded, "adoptable": self.adoptable, "adopted": self.adopted}
+                "unrecorded": self.unrecorded, "adoptable": self.adoptable, "adopted": self.adopted,
+                "drift": self.drift, "untracked": self.untracked}
 
 
 @dataclass
@@ -122,6 +125,9 @@ def status(conn: psycopg.Connection, *, directory: Path | None = None) -> Schema
     found = adopt.detect(conn) if "016" not in applied else None
     result.adoptable = found.variant if found else None
     result.adopted = "016" in applied and adopt.adopted(conn)
+    result.drift = [d.to_dict() for d in drift.check(conn)]
+    tracked = drift.tracked_versions(conn)
+    result.untracked = [a["file"] for a in result.applied if a["file"][:3] not in tracked]
     return result
 
 
@@ -168,6 +174,7 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
                 if not dry_run:
                     with conn.transaction():
                         _record(conn, mf, time.monotonic())
+                        drift.record(conn, mf.version, None, drift.snapshot(conn))
                 result.files.append(mf.path.name + " (recorded: applied outside the runner)")
                 continue
             if not dry_run:
@@ -182,8 +189,11 @@ def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found
     """The adoption, 016 and 017 in one transaction (rolled back for a dry run)."""
     def run_file(version: str) -> None:
         mf, begun = by_version[version], time.monotonic()
+        before = None if version == "016" else drift.snapshot(conn)  # 016's objects: known by their comment
         _execute(conn, mf.path, _statements(mf.path))
+        after = drift.snapshot(conn)
         _record(conn, mf, begun)
+        drift.record(conn, version, before, after)
 
     with conn.transaction(force_rollback=dry_run):
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
@@ -245,6 +255,29 @@ def _retrying(work: Callable[[], _T], what: str, retries: int) -> _T:
                 raise LockBusy(f"{what}: a table stayed locked through {retries} retries") from exc
             time.sleep(min(0.25 * 2**attempt, 8.0))
     raise AssertionError("unreachable")
+
+
+def repair(conn: psycopg.Connection, *, lock_wait: float = 10.0, lock_timeout_ms: int = 2000,
+           retries: int = 6) -> SchemaResult:
+    """Recreate the objects of applied files that are missing or altered, in one transaction, and record it."""
+    started = time.monotonic()
+    result = SchemaResult("repair")
+
+    def work() -> list[drift.Drift]:
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+            try:
+                return drift.repair(conn)
+            except psycopg.errors.LockNotAvailable:
+                raise
+            except psycopg.Error as exc:
+                raise SchemaError(f"repair failed, nothing was changed: [{exc.sqlstate}] "
+                                  f"{exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+
+    with _advisory_lock(conn, lock_wait):
+        result.files = [str(d) for d in _retrying(work, "schema repair", retries)]
+    result.seconds = time.monotonic() - started
+    return result
 
 
 def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaResult:
@@ -327,9 +360,12 @@ def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Sta
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
         if force:
             conn.execute("SELECT set_config('unified_memory.allow_data_loss', 'on', true)")
+        before = drift.snapshot(conn) if record is not None else None
         _execute(conn, path, statements)
+        after = drift.snapshot(conn) if record is not None else None
         conn.execute(_CREATE_TRACKING)
         if record is not None:
             _record(conn, record, started)
+            drift.record(conn, record.version, before, after or {})
         if forget is not None:
             _forget(conn, forget)

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import contract, reconcile
+from . import contract, drift, reconcile
 from .backup import BackupManifest
 from .db import maintenance, relation_exists, scalar
 from .errors import ShapeError
@@ -111,7 +111,13 @@ def schema_checks(conn: psycopg.Connection) -> list[Check]:
     if missing:
         return checks
     return checks + [_columns(conn), _constraints(conn), _indexes(conn), _functions(conn), _triggers(conn),
-                     _views(conn), _policies(conn)]
+                     _views(conn), _policies(conn), _drift(conn)]
+
+
+def _drift(conn: psycopg.Connection) -> Check:
+    found = drift.check(conn)
+    return _verdict("schema.drift", [f"{d} (`schema repair` recreates it)" for d in found],
+                    "every object of the applied schema files is as they left it")
 
 
 def _columns(conn: psycopg.Connection) -> Check:
