@@ -84,7 +84,8 @@ def test_cli_status_and_repair(unified: psycopg.Connection, dsn: str, home: obje
     unified.execute("DROP TRIGGER memories_before_update ON memories")
     runner = CliRunner()
     status = runner.invoke(app, ["--dsn", dsn, "schema", "status"])
-    assert status.exit_code == 0 and "DRIFT    trigger memories.memories_before_update of 016 is missing" in status.output
+    assert status.exit_code == 0
+    assert "DRIFT    trigger memories.memories_before_update of 016 is missing" in status.output
     repaired = runner.invoke(app, ["--dsn", dsn, "--json", "schema", "repair"])
     assert repaired.exit_code == 0, repaired.output
     assert json.loads(repaired.output)["files"] == ["trigger memories.memories_before_update (016) is missing"]

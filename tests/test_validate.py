@@ -131,7 +131,7 @@ def test_validate_cli_writes_reports_and_exits_non_zero_on_failure(migrated: psy
     assert "| FAIL | `isolation.rls` |" in md.read_text()
     machine = runner.invoke(app, ["--dsn", dsn, "--json", "validate"])
     data = json.loads(machine.stdout.split("\n{\"status\": \"failed\"")[0])
-    assert data["status"] == "fail" and data["counts"]["fail"] == 1
+    assert data["status"] == "fail" and data["counts"]["fail"] == 2  # isolation.rls and schema.drift
 
 
 def test_health_reports_the_guides_queries_and_the_last_run(migrated: psycopg.Connection) -> None:
