@@ -15,8 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from typer.testing import CliRunner
 
 from unified_memory import adopt, fixtures, schema
+from unified_memory.cli import app
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.validate import validate
 
@@ -144,3 +146,34 @@ def test_adoption_is_atomic(first: psycopg.Connection) -> None:
     first.execute("DROP VIEW app_report")
     assert shape(first) == found_shape and rows(first, "memories") == found_rows
     assert schema.status(first).applied == []
+
+
+def test_the_whole_guide_works_on_an_adopted_database(conn: psycopg.Connection, dsn: str, home: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """schema up (adoption), migrate with its backup, backup verify, validate with vectors, rollback, down."""
+    build_first_implementation(conn, "with_streamlit")
+    app_ids = {r[0] for r in conn.execute("SELECT id FROM memories WHERE user_id IN ('alice', 'bob')")}
+    monkeypatch.setenv("MILVUS_URI", str(tmp_path / "adopted.db"))
+    runner = CliRunner()
+    plan = runner.invoke(app, ["--dsn", dsn, "schema", "up", "--dry-run"])
+    assert plan.exit_code == 0 and "first implementation's 016 found (with_streamlit)" in plan.output, plan.output
+    assert schema.status(conn).applied == []
+    up = runner.invoke(app, ["--dsn", dsn, "schema", "up"])
+    assert up.exit_code == 0 and "016_unified_memory_schema.sql (adopted)" in up.output, up.output
+    done = runner.invoke(app, ["--dsn", dsn, "--json", "migrate"])
+    assert done.exit_code == 0, done.output
+    backups = list((home / "backups").glob("memory_migration_backup_*.umbk"))
+    assert len(backups) == 1
+    assert runner.invoke(app, ["backup", "verify", backups[0].name]).exit_code == 0
+    for command in (["vectors", "up"], ["vectors", "sync"]):
+        assert runner.invoke(app, ["--dsn", dsn, "-q", *command]).exit_code == 0
+    checked = runner.invoke(app, ["--dsn", dsn, "validate", "--backup", str(backups[0])])
+    assert checked.exit_code == 0 and "PASS  vectors.tenant_counts" in checked.output, checked.output
+    rolled = runner.invoke(app, ["--dsn", dsn, "rollback", backups[0].name, "--yes"])
+    assert rolled.exit_code == 0, rolled.output
+    assert conn.execute("SELECT count(*) FROM memories WHERE source_table IS NOT NULL").fetchone() == (0,)
+    assert {r[0] for r in conn.execute("SELECT id FROM memories")} >= app_ids  # the application's own stay
+    again = runner.invoke(app, ["--dsn", dsn, "migrate", "--no-backup"])
+    assert again.exit_code == 0, again.output
+    down = runner.invoke(app, ["--dsn", dsn, "schema", "down", "--steps", "20"])
+    assert down.exit_code == 0 and "(adoption undone)" in down.output, down.output
