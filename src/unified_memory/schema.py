@@ -142,7 +142,7 @@ def _present(conn: psycopg.Connection, version: str) -> bool:
 
 def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str | None = None,
        lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6, dry_run: bool = False,
-       source_timezone: str = "UTC") -> SchemaResult:
+       source_timezone: str = "UTC", adopt_first: bool = True) -> SchemaResult:
     """Apply every pending file (up to ``target``), each in its own transaction.
 
     A first-implementation 016 found here is adopted instead (with 017, in one transaction; see ``adopt``).
@@ -162,6 +162,9 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
         files = [mf for mf in discover(directory)
                  if mf.path.name in current.pending and (target is None or mf.version <= target)]
         found = adopt.detect(conn) if any(mf.version == "016" for mf in files) else None
+        if found is not None and not adopt_first:
+            raise SchemaError("the first implementation's 016 is here: adopt it explicitly with "
+                              "`unified-memory schema up --dry-run`, then `unified-memory schema up`")
         if found is not None:
             by_version = {mf.version: mf for mf in discover(directory)}
             result.adoption = _retrying(lambda: _adopt(conn, by_version, found, lock_timeout_ms, dry_run,
@@ -281,8 +284,11 @@ def repair(conn: psycopg.Connection, *, lock_wait: float = 10.0, lock_timeout_ms
 
 
 def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaResult:
-    """Apply what is pending (used by stages that need the schema); a no-op when up to date."""
-    return up(conn, directory=directory)
+    """Apply what is pending (used by stages that need the schema); a no-op when up to date.
+
+    A first-implementation 016 is never adopted implicitly: that is ``schema up``'s, on the operator's request.
+    """
+    return up(conn, directory=directory, adopt_first=False)
 
 
 def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
