@@ -34,15 +34,16 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                            "(SELECT id FROM memories WHERE source_table = 'long_term_memory' "
                                            "ORDER BY id LIMIT 1)",),
                                           {"reconciliation.content.long_term_memory"}),
-    "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls"}),
+    "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls", "schema.drift"}),
     "rls_disabled": (("ALTER TABLE memory_access_log DISABLE ROW LEVEL SECURITY",),
-                     {"isolation.rls", "isolation.sessions"}),
-    "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes"}),
-    "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(p_created_at TIMESTAMPTZ, "
-                           "p_neuro_type TEXT, p_importance INTEGER DEFAULT 5, p_access_count INTEGER DEFAULT 0) "
+                     {"isolation.rls", "isolation.sessions", "schema.drift"}),
+    "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes", "schema.drift"}),
+    "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(memory_created_at TIMESTAMPTZ, "
+                           "memory_neuro_type TEXT DEFAULT 'episodic', memory_importance_score INTEGER DEFAULT 5, "
+                           "memory_access_count INTEGER DEFAULT 0) "
                            "RETURNS REAL LANGUAGE sql STABLE AS $$ SELECT 2.0::real $$",),
-                          {"functions.decay_score"}),
-    "column_missing": (("ALTER TABLE memory_access_log DROP COLUMN meta",), {"schema.columns"}),
+                          {"functions.decay_score", "schema.drift"}),
+    "column_missing": (("ALTER TABLE memory_access_log DROP COLUMN meta",), {"schema.columns", "schema.drift"}),
     "legacy_row_added_after_migration": (("INSERT INTO long_term_memory VALUES ('late', '[{\"content\": \"x\"}]')",),
                                          {"reconciliation.counts.long_term_memory"}),
     "legacy_overload_left": (("CREATE FUNCTION update_memory_access(p_id UUID) RETURNS VOID LANGUAGE sql "
@@ -51,17 +52,17 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                      "UPDATE memories SET importance = 11 WHERE id = "
                                      "(SELECT id FROM memories WHERE source_table = 'memory_entries' "
                                      "ORDER BY id LIMIT 1)"),
-                                    {"schema.constraints", "integrity.importance_range",
+                                    {"schema.constraints", "integrity.importance_range", "schema.drift",
                                      "reconciliation.content.memory_entries"}),
     "expired_on_arrival": (("UPDATE memories SET expires_at = migrated_at - interval '1 day' WHERE id = "
                             "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)",),
                            {"integrity.expired_on_arrival"}),
     "trigger_disabled": (("ALTER TABLE memories DISABLE TRIGGER memories_before_update",),
-                         {"schema.triggers", "functions.version_and_expiry"}),
+                         {"schema.triggers", "functions.version_and_expiry", "schema.drift"}),
     "owner_blanked": (("ALTER TABLE memories DROP CONSTRAINT memories_user_id_not_blank",
                        "UPDATE memories SET user_id = ' ' WHERE id = "
                        "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)"),
-                      {"isolation.owners", "reconciliation.content.memory_entries"}),
+                      {"isolation.owners", "reconciliation.content.memory_entries", "schema.drift"}),
 }
 
 
@@ -130,7 +131,7 @@ def test_validate_cli_writes_reports_and_exits_non_zero_on_failure(migrated: psy
     assert "| FAIL | `isolation.rls` |" in md.read_text()
     machine = runner.invoke(app, ["--dsn", dsn, "--json", "validate"])
     data = json.loads(machine.stdout.split("\n{\"status\": \"failed\"")[0])
-    assert data["status"] == "fail" and data["counts"]["fail"] == 1
+    assert data["status"] == "fail" and data["counts"]["fail"] == 2  # isolation.rls and schema.drift
 
 
 def test_health_reports_the_guides_queries_and_the_last_run(migrated: psycopg.Connection) -> None:

@@ -153,6 +153,7 @@ item_q AS (
            jsonb_build_object('item_index', q.item_index, 'item', q.item), q.row_key, %(run_id)s
     FROM (SELECT {key} AS k, {reason} AS reason, {id} AS id, s.item_index, s.item, s.row_key {source}) q
     WHERE q.reason IS NOT NULL OR NOT EXISTS (SELECT 1 FROM ins WHERE ins.source_key = q.k)
+        AND NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = q.k)
     RETURNING raw_key
 ),
 raw AS (

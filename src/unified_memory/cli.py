@@ -183,10 +183,13 @@ def schema_up(ctx: typer.Context,
               lock_wait: Annotated[float | None, typer.Option(
                   min=0, max=86400, help="Seconds to wait for another run's lock (default: the global --lock-wait).",
                   show_default=False)] = None,
+              dry_run: Annotated[bool, typer.Option(help="Show what would change (an adoption is run and rolled "
+                                                         "back); change nothing.")] = False,
               json_flag: JsonOpt = False) -> None:
-    """Apply every pending schema file, each in one transaction."""
+    """Apply every pending schema file, each in one transaction (adopting a first-implementation 016)."""
     wait = options(ctx).lock_wait if lock_wait is None else lock_wait
-    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=wait), report.schema_result, json_flag)
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=wait, dry_run=dry_run),
+        report.schema_result, json_flag)
 
 
 @schema_app.command("down")
@@ -202,9 +205,16 @@ def schema_down(ctx: typer.Context,
     run(ctx, lambda conn: schema.down(conn, steps=steps, force=force, lock_wait=wait), report.schema_result, json_flag)
 
 
+@schema_app.command("repair")
+def schema_repair(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
+    """Recreate objects of applied schema files that are missing or altered (one transaction)."""
+    wait = options(ctx).lock_wait
+    run(ctx, lambda conn: schema.repair(conn, lock_wait=wait), report.schema_result, json_flag)
+
+
 @schema_app.command("status")
 def schema_status(ctx: typer.Context, json_flag: JsonOpt = False) -> None:
-    """List applied and pending schema files, and applied files edited since."""
+    """List applied and pending schema files, applied files edited since, and objects that drifted."""
     run(ctx, schema.status, report.schema_status, json_flag)
 
 

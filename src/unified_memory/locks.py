@@ -30,7 +30,8 @@ from psycopg.rows import dict_row
 from .db import scalar
 from .errors import LockBusy
 
-Command = Literal["schema up", "schema down", "migrate", "rollback", "backup", "vectors sync", "cleanup"]
+Command = Literal["schema up", "schema down", "schema repair", "migrate", "rollback", "backup", "vectors sync",
+                  "cutover", "cleanup"]
 Mode = Literal["shared", "exclusive"]
 
 NAMESPACE = 0x756D  # 'um': the first half of every key of this tool
@@ -39,10 +40,10 @@ JOB_KEYS: dict[str, int] = {"migrate": 3, "vectors sync": 17, "cleanup": 19}
 DEFAULT_WAIT = 5.0
 _POLL = 0.2
 
-_EXCLUSIVE_STATE: frozenset[str] = frozenset({"schema up", "schema down", "rollback"})
+_EXCLUSIVE_STATE: frozenset[str] = frozenset({"schema up", "schema down", "schema repair", "rollback", "cutover"})
 _NOUN: dict[str, str] = {"migrate": "migration", "rollback": "rollback", "schema up": "schema change",
-                         "schema down": "schema change", "backup": "backup", "vectors sync": "vector sync",
-                         "cleanup": "cleanup"}
+                         "schema down": "schema change", "schema repair": "schema repair", "cutover": "cutover",
+                         "backup": "backup", "vectors sync": "vector sync", "cleanup": "cleanup"}
 
 _HOLDERS = """
 SELECT l.pid AS server_pid, a.application_name, a.backend_start, l.mode

@@ -46,9 +46,38 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def schema_result(result: SchemaResult) -> str:
-    """``schema up`` / ``schema down``: the files run."""
-    files = ", ".join(result.files) or "nothing to do"
-    return f"schema {result.action}: {files} ({result.seconds:.2f} s)"
+    """``schema up`` / ``schema down``: the files run (or, for a dry run, to run), and an adoption's report."""
+    files = ", ".join(result.files) or ("nothing to repair" if result.action == "repair" else "nothing to do")
+    verb = f"schema {result.action} --dry-run (nothing was changed), would apply" if result.dry_run \
+        else f"schema {result.action}"
+    lines = [f"{verb}: {files} ({result.seconds:.2f} s)"]
+    if result.adoption is not None:
+        lines += _adoption(result.adoption)
+    if result.reverted is not None:
+        r = result.reverted
+        lines.append("first implementation's schema restored; rows restored: "
+                     + (", ".join(f"{t}={n}" for t, n in r["rows_restored"].items()) or "none")
+                     + f"; rows changed since adoption kept as they are: {r['rows_kept_changed']}")
+        if r["constraints_not_valid"]:
+            lines.append("its constraints broken by rows written since, added NOT VALID: "
+                         + ", ".join(r["constraints_not_valid"]))
+    return "\n".join(lines)
+
+
+def _adoption(a: dict[str, Any]) -> list[str]:
+    def pairs(d: dict[str, int]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+
+    return [
+        f"first implementation's 016 found ({a['variant']}); converted in place in one transaction"
+        + (" (dry run: rolled back)" if a["dry_run"] else ""),
+        f"  rows found: {pairs(a['rows_found'])}",
+        f"  NULLs filled with defaults: {pairs(a['filled'])}",
+        f"  rows kept aside in unified_memory_adoption_aside: {pairs(a['set_aside'])}",
+        f"  copies of legacy rows that became their migration: {pairs(a['claimed'])}",
+        f"  application memories kept as they are: {a['application_rows']}",
+        f"  replaced objects of the first implementation: {len(a['replaced'])}",
+    ]
 
 
 def schema_status(result: SchemaStatus) -> str:
@@ -56,6 +85,17 @@ def schema_status(result: SchemaStatus) -> str:
     lines = [f"applied  {a['file']}  {a['applied_at']}" for a in result.applied]
     lines += [f"pending  {name}" for name in result.pending]
     lines += [f"EDITED   {name} (content changed after it was applied)" for name in result.edited]
+    lines += [f"UNRECORDED {name}: its objects exist (applied outside the runner); `schema up` completes and "
+              "records it" for name in result.unrecorded]
+    if result.adoptable:
+        lines.append(f"FIRST IMPLEMENTATION's 016 found ({result.adoptable}): `schema up --dry-run` shows the "
+                     "conversion, `schema up` adopts it")
+    lines += [f"DRIFT    {d['kind']} {d['name']} of {d['version']} is {d['problem']}; `schema repair` recreates it"
+              for d in result.drift]
+    lines += [f"untracked {name}: applied before drift was recorded; not checked for drift"
+              for name in result.untracked]
+    if result.adopted:
+        lines.append("016 was adopted from the first implementation (`schema down` restores its shape and rows)")
     return "\n".join(lines) or "no migration files"
 
 

@@ -10,21 +10,26 @@ Files live in ``migrations/postgres`` as ``NNN_name.sql`` with an optional ``NNN
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from . import locks, sqlfile
+from . import adopt, drift, locks, sqlfile
 from .db import relation_exists, scalar
 from .errors import LockBusy, SchemaError
 
-TRACKING_TABLE = "unified_memory_schema_migrations"
+_T = TypeVar("_T")
+
+TRACKING_TABLE = drift.LEDGER
 
 _CREATE_TRACKING = sql.SQL(
     "CREATE TABLE IF NOT EXISTS {} (version TEXT PRIMARY KEY, name TEXT NOT NULL, sha256 CHAR(64) NOT NULL,"
@@ -58,9 +63,16 @@ class SchemaStatus:
     applied: list[dict[str, str]] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     edited: list[str] = field(default_factory=list)
+    unrecorded: list[str] = field(default_factory=list)  # pending files whose objects exist (applied with psql)
+    adoptable: str | None = None  # the first implementation's 016 found here (its variant)
+    adopted: bool = False  # our 016 is recorded as an adoption of the first implementation's
+    drift: list[dict[str, str]] = field(default_factory=list)  # objects of applied files missing or altered
+    untracked: list[str] = field(default_factory=list)  # applied before fingerprints were recorded
 
     def to_dict(self) -> dict[str, object]:
-        return {"applied": self.applied, "pending": self.pending, "edited": self.edited}
+        return {"applied": self.applied, "pending": self.pending, "edited": self.edited,
+                "unrecorded": self.unrecorded, "adoptable": self.adoptable, "adopted": self.adopted,
+                "drift": self.drift, "untracked": self.untracked}
 
 
 @dataclass
@@ -70,9 +82,18 @@ class SchemaResult:
     action: str
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    dry_run: bool = False
+    adoption: dict[str, Any] | None = None
+    reverted: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {"action": self.action, "files": self.files, "seconds": round(self.seconds, 3)}
+        data: dict[str, object] = {"action": self.action, "files": self.files, "seconds": round(self.seconds, 3),
+                                   "dry_run": self.dry_run}
+        if self.adoption is not None:
+            data["adoption"] = self.adoption
+        if self.reverted is not None:
+            data["reverted"] = self.reverted
+        return data
 
 
 def discover(directory: Path | None = None) -> list[MigrationFile]:
@@ -95,46 +116,121 @@ def status(conn: psycopg.Connection, *, directory: Path | None = None) -> Schema
         record = applied.get(mf.version)
         if record is None:
             result.pending.append(mf.path.name)
+            if _present(conn, mf.version):
+                result.unrecorded.append(mf.path.name)
             continue
         result.applied.append({"file": mf.path.name, "sha256": record[0], "applied_at": record[1]})
         if record[0] != mf.sha256:
             result.edited.append(mf.path.name)
+    found = adopt.detect(conn) if "016" not in applied else None
+    result.adoptable = found.variant if found else None
+    result.adopted = "016" in applied and adopt.adopted(conn)
+    result.drift = [d.to_dict() for d in drift.check(conn)]
+    tracked = drift.tracked_versions(conn)
+    result.untracked = [a["file"] for a in result.applied if a["file"][:3] not in tracked]
     return result
 
 
+def _present(conn: psycopg.Connection, version: str) -> bool:
+    """Whether objects of file ``version`` exist, recognised by the COMMENT every file gives its objects."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass "
+        "AND d.objoid = c.oid AND d.objsubid = 0 WHERE c.relnamespace = current_schema()::regnamespace "
+        "AND left(d.description, 19) = %s)", [f"unified-memory {version}:"]).fetchone()
+    return bool(row and row[0])
+
+
 def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str | None = None,
-       lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6) -> SchemaResult:
+       lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6, dry_run: bool = False,
+       source_timezone: str = "UTC", adopt_first: bool = True) -> SchemaResult:
     """Apply every pending file (up to ``target``), each in its own transaction.
+
+    A first-implementation 016 found here is adopted instead (with 017, in one transaction; see ``adopt``).
+    ``dry_run`` changes nothing: the adoption runs in a transaction that is rolled back, and its report says
+    what it would change; the other pending files are listed.
 
     Raises:
         SchemaError: an applied file was edited, or a file failed (naming file and line).
         LockBusy: another run holds the lock, or a table stayed locked through every retry.
     """
     started = time.monotonic()
-    result = SchemaResult("up")
+    result = SchemaResult("up", dry_run=dry_run)
     with locks.hold(conn, "schema up", lock_wait):
         current = status(conn, directory=directory)
         if current.edited:
             raise SchemaError(f"applied files were edited since: {', '.join(current.edited)}; refusing to run")
-        for mf in discover(directory):
-            if mf.path.name in current.pending and (target is None or mf.version <= target):
+        files = [mf for mf in discover(directory)
+                 if mf.path.name in current.pending and (target is None or mf.version <= target)]
+        found = adopt.detect(conn) if any(mf.version == "016" for mf in files) else None
+        if found is not None and not adopt_first:
+            raise SchemaError("the first implementation's 016 is here: adopt it explicitly with "
+                              "`unified-memory schema up --dry-run`, then `unified-memory schema up`")
+        if found is not None:
+            by_version = {mf.version: mf for mf in discover(directory)}
+            result.adoption = _retrying(lambda: _adopt(conn, by_version, found, lock_timeout_ms, dry_run,
+                                                       source_timezone), "adoption of the first 016", retries)
+            result.files += [by_version[v].path.name + " (adopted)" * (v == "016") for v in ("016", "017")]
+            files = [mf for mf in files if mf.version not in ("016", "017")]
+        for mf in files:
+            if mf.path.name in current.unrecorded:
+                # applied with psql (atomic: its objects exist, so all of it committed): recorded, not re-run
+                if not dry_run:
+                    with conn.transaction():
+                        _record(conn, mf, time.monotonic())
+                        drift.record(conn, mf.version, None, drift.snapshot(conn))
+                result.files.append(mf.path.name + " (recorded: applied outside the runner)")
+                continue
+            if not dry_run:
                 _run_with_retries(conn, mf.path, lock_timeout_ms, retries, record=mf)
-                result.files.append(mf.path.name)
+            result.files.append(mf.path.name)
     result.seconds = time.monotonic() - started
     return result
 
 
+def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found: adopt.Found,
+           lock_timeout_ms: int, dry_run: bool, source_timezone: str) -> dict[str, Any]:
+    """The adoption, 016 and 017 in one transaction (rolled back for a dry run)."""
+    def run_file(version: str) -> None:
+        mf, begun = by_version[version], time.monotonic()
+        before = None if version == "016" else drift.snapshot(conn)  # 016's objects: known by their comment
+        _execute(conn, mf.path, _statements(mf.path))
+        after = drift.snapshot(conn)
+        _record(conn, mf, begun)
+        drift.record(conn, version, before, after)
+
+    with conn.transaction(force_rollback=dry_run):
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+        try:
+            report = adopt.adopt(conn, found, _statements(by_version["016"].path), run_file, dry_run=dry_run,
+                                 source_timezone=source_timezone)
+        except psycopg.errors.LockNotAvailable:
+            raise
+        except psycopg.Error as exc:
+            raise SchemaError(f"adopting the first implementation's 016 failed, nothing was changed: "
+                              f"[{exc.sqlstate}] {exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+    return report.to_dict()
+
+
 def down(conn: psycopg.Connection, *, directory: Path | None = None, steps: int = 1, force: bool = False,
          lock_wait: float = 10.0, lock_timeout_ms: int = 2000, retries: int = 6) -> SchemaResult:
-    """Undo the last ``steps`` applied files with their down files, newest first."""
+    """Undo the last ``steps`` applied files with their down files, newest first.
+
+    An adopted 016 is not dropped: the first implementation's shape comes back with every row (``adopt.revert``).
+    """
     started = time.monotonic()
     result = SchemaResult("down")
     with locks.hold(conn, "schema down", lock_wait):
         applied = _applied(conn)
         undo = [f for f in reversed(discover(directory)) if f.version in applied][:steps]
+        adopted = adopt.adopted(conn)
         if not force:
-            _refuse_data_loss(conn, undo)
+            _refuse_data_loss(conn, [f for f in undo if not (f.version == "016" and adopted)])
         for mf in undo:
+            if mf.version == "016" and adopted:
+                result.reverted = _retrying(functools.partial(_revert, conn, mf, lock_timeout_ms),
+                                            "undoing the adoption", retries)
+                result.files.append(mf.path.name + " (adoption undone)")
+                continue
             if mf.down_path is None:
                 raise SchemaError(f"{mf.path.name} has no down file", file=mf.path.name)
             _run_with_retries(conn, mf.down_path, lock_timeout_ms, retries, forget=mf, force=force)
@@ -185,9 +281,60 @@ def _dropped_tables(mf: MigrationFile) -> list[str]:
     return names
 
 
+def _revert(conn: psycopg.Connection, mf: MigrationFile, lock_timeout_ms: int) -> dict[str, Any]:
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+        try:
+            report = adopt.revert(conn)
+        except psycopg.errors.LockNotAvailable:
+            raise
+        except psycopg.Error as exc:
+            raise SchemaError(f"undoing the adoption failed, nothing was changed: "
+                              f"[{exc.sqlstate}] {exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+        _forget(conn, mf)
+    return report.to_dict()
+
+
+def _retrying(work: Callable[[], _T], what: str, retries: int) -> _T:
+    for attempt in range(retries + 1):
+        try:
+            return work()
+        except psycopg.errors.LockNotAvailable as exc:
+            if attempt == retries:
+                raise LockBusy(f"{what}: a table stayed locked through {retries} retries") from exc
+            time.sleep(min(0.25 * 2**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
+def repair(conn: psycopg.Connection, *, lock_wait: float = 10.0, lock_timeout_ms: int = 2000,
+           retries: int = 6) -> SchemaResult:
+    """Recreate the objects of applied files that are missing or altered, in one transaction, and record it."""
+    started = time.monotonic()
+    result = SchemaResult("repair")
+
+    def work() -> list[drift.Drift]:
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+            try:
+                return drift.repair(conn)
+            except psycopg.errors.LockNotAvailable:
+                raise
+            except psycopg.Error as exc:
+                raise SchemaError(f"repair failed, nothing was changed: [{exc.sqlstate}] "
+                                  f"{exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+
+    with locks.hold(conn, "schema repair", lock_wait):
+        result.files = [str(d) for d in _retrying(work, "schema repair", retries)]
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -> SchemaResult:
-    """Apply what is pending (used by stages that need the schema); a no-op when up to date."""
-    return up(conn, directory=directory)
+    """Apply what is pending (used by stages that need the schema); a no-op when up to date.
+
+    A first-implementation 016 is never adopted implicitly: that is ``schema up``'s, on the operator's request.
+    """
+    return up(conn, directory=directory, adopt_first=False)
 
 
 def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
@@ -197,18 +344,44 @@ def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
     return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
 
 
+def _statements(path: Path) -> list[sqlfile.Statement]:
+    return [s for s in sqlfile.split(path.read_text(encoding="utf-8")) if not s.is_transaction_control]
+
+
 def _run_with_retries(conn: psycopg.Connection, path: Path, lock_timeout_ms: int, retries: int, *,
                       record: MigrationFile | None = None, forget: MigrationFile | None = None,
                       force: bool = False) -> None:
-    statements = [s for s in sqlfile.split(path.read_text(encoding="utf-8")) if not s.is_transaction_control]
-    for attempt in range(retries + 1):
+    statements = _statements(path)
+    _retrying(lambda: _run_once(conn, path, statements, lock_timeout_ms, record=record, forget=forget, force=force),
+              path.name, retries)
+
+
+def _execute(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement]) -> None:
+    """Each statement of ``path`` (in the caller's transaction); an error names the file and line."""
+    for statement in statements:
         try:
-            _run_once(conn, path, statements, lock_timeout_ms, record=record, forget=forget, force=force)
-            return
-        except psycopg.errors.LockNotAvailable as exc:
-            if attempt == retries:
-                raise LockBusy(f"{path.name}: a table stayed locked through {retries} retries") from exc
-            time.sleep(min(0.25 * 2**attempt, 8.0))
+            conn.execute(statement.sql.encode())
+        except psycopg.errors.LockNotAvailable:
+            raise
+        except psycopg.Error as exc:
+            raise SchemaError(
+                f"{path.name}, line {statement.line}: [{exc.sqlstate}] {exc.diag.message_primary or exc}",
+                file=path.name, line=statement.line, sqlstate=exc.sqlstate,
+            ) from exc
+
+
+def _record(conn: psycopg.Connection, mf: MigrationFile, started: float) -> None:
+    conn.execute(_CREATE_TRACKING)
+    conn.execute(
+        sql.SQL("INSERT INTO {} (version, name, sha256, duration_ms) VALUES (%s, %s, %s, %s)").format(
+            sql.Identifier(TRACKING_TABLE)),
+        [mf.version, mf.name, mf.sha256, int((time.monotonic() - started) * 1000)],
+    )
+
+
+def _forget(conn: psycopg.Connection, mf: MigrationFile) -> None:
+    conn.execute(_CREATE_TRACKING)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(TRACKING_TABLE)), [mf.version])
 
 
 def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement], lock_timeout_ms: int,
@@ -218,23 +391,12 @@ def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Sta
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
         if force:
             conn.execute("SELECT set_config('unified_memory.allow_data_loss', 'on', true)")
-        for statement in statements:
-            try:
-                conn.execute(statement.sql.encode())
-            except psycopg.errors.LockNotAvailable:
-                raise
-            except psycopg.Error as exc:
-                raise SchemaError(
-                    f"{path.name}, line {statement.line}: [{exc.sqlstate}] {exc.diag.message_primary or exc}",
-                    file=path.name, line=statement.line, sqlstate=exc.sqlstate,
-                ) from exc
+        before = drift.snapshot(conn) if record is not None else None
+        _execute(conn, path, statements)
+        after = drift.snapshot(conn) if record is not None else None
         conn.execute(_CREATE_TRACKING)
         if record is not None:
-            conn.execute(
-                sql.SQL("INSERT INTO {} (version, name, sha256, duration_ms) VALUES (%s, %s, %s, %s)").format(
-                    sql.Identifier(TRACKING_TABLE)),
-                [record.version, record.name, record.sha256, int((time.monotonic() - started) * 1000)],
-            )
+            _record(conn, record, started)
+            drift.record(conn, record.version, before, after or {})
         if forget is not None:
-            conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(TRACKING_TABLE)),
-                         [forget.version])
+            _forget(conn, forget)

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import contract, reconcile
+from . import contract, drift, reconcile
 from .backup import BackupManifest
 from .checks import FAIL, PASS, WARN, Check
 from .db import maintenance, relation_exists, scalar
@@ -123,7 +123,13 @@ def schema_checks(conn: psycopg.Connection) -> list[Check]:
     if missing:
         return checks
     return checks + [_columns(conn), _constraints(conn), _indexes(conn), _functions(conn), _triggers(conn),
-                     _views(conn), _policies(conn)]
+                     _views(conn), _policies(conn), _drift(conn)]
+
+
+def _drift(conn: psycopg.Connection) -> Check:
+    found = drift.check(conn)
+    return _verdict("schema.drift", [f"{d} (`schema repair` recreates it)" for d in found],
+                    "every object of the applied schema files is as they left it")
 
 
 def _columns(conn: psycopg.Connection) -> Check:
@@ -421,7 +427,8 @@ def index_checks(conn: psycopg.Connection) -> list[Check]:
         used = _indexes_used(conn, query, params, seqscan=True)
         note = ""
         if not set(used) & set(intended) and small:
-            used, note = _indexes_used(conn, query, params, seqscan=False), " (small table: sequential scans off)"
+            used = _indexes_used(conn, query, params, seqscan=False)
+            note = " (small table: sequential scans and sorts off)"
         ok = bool(set(used) & set(intended))
         checks.append(Check(f"indexes.{name}", PASS if ok else FAIL,
                             f"uses {', '.join(used)}{note}" if ok else
@@ -432,8 +439,9 @@ def index_checks(conn: psycopg.Connection) -> list[Check]:
 
 def _indexes_used(conn: psycopg.Connection, query: str, params: dict[str, str], *, seqscan: bool) -> list[str]:
     with conn.transaction(force_rollback=True):
-        if not seqscan:
+        if not seqscan:  # on a small table indexes tie on cost; an index that also gives the order must win
             conn.execute("SET LOCAL enable_seqscan = off")
+            conn.execute("SET LOCAL enable_sort = off")
         plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + sql.SQL(query), params).fetchone()
     assert plan is not None
     found: list[str] = []
