@@ -209,7 +209,8 @@ def adopt(conn: psycopg.Connection, found: Found, statements: list[sqlfile.State
           run_file: Callable[[str], None], *, dry_run: bool = False, source_timezone: str = "UTC") -> AdoptionReport:
     """Convert the first implementation's schema in place; the caller holds the one transaction.
 
-    ``statements`` are our 016's; ``run_file(version)`` applies and records one of our files (016, then 017).
+    ``statements`` are our 016's; ``run_file(version)`` applies and records our 016, then (``"later"``) every
+    later file, so that legacy copies are claimed with the mapping SQL of the whole schema.
     """
     report = AdoptionReport(found.variant, dry_run, dict(found.rows))
     for table in TABLES:
@@ -223,7 +224,7 @@ def adopt(conn: psycopg.Connection, found: Found, statements: list[sqlfile.State
     _tighten(conn, found_shape, target)
     run_file("016")
     _fix_memories(conn, report)
-    run_file("017")
+    run_file("later")
     report.claimed = claim(conn, source_timezone)
     report.application_rows = _scalar_int(conn, "SELECT count(*) FROM memories WHERE source_table IS NULL")
     conn.execute("ANALYZE memories")

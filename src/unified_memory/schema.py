@@ -169,8 +169,8 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
             by_version = {mf.version: mf for mf in discover(directory)}
             result.adoption = _retrying(lambda: _adopt(conn, by_version, found, lock_timeout_ms, dry_run,
                                                        source_timezone), "adoption of the first 016", retries)
-            result.files += [by_version[v].path.name + " (adopted)" * (v == "016") for v in ("016", "017")]
-            files = [mf for mf in files if mf.version not in ("016", "017")]
+            result.files += [mf.path.name + " (adopted)" * (mf.version == "016") for mf in by_version.values()]
+            files = []
         for mf in files:
             if mf.path.name in current.unrecorded:
                 # applied with psql (atomic: its objects exist, so all of it committed): recorded, not re-run
@@ -189,8 +189,12 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
 
 def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found: adopt.Found,
            lock_timeout_ms: int, dry_run: bool, source_timezone: str) -> dict[str, Any]:
-    """The adoption, 016 and 017 in one transaction (rolled back for a dry run)."""
+    """The adoption and every file after it in one transaction (rolled back for a dry run)."""
     def run_file(version: str) -> None:
+        if version == "later":
+            for later in sorted(v for v in by_version if v > "016"):
+                run_file(later)
+            return
         mf, begun = by_version[version], time.monotonic()
         before = None if version == "016" else drift.snapshot(conn)  # 016's objects: known by their comment
         _execute(conn, mf.path, _statements(mf.path))
