@@ -7,6 +7,7 @@ over HTTP on a free loopback port by concurrent threads.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -212,6 +213,10 @@ def test_label_sets_stay_bounded_with_10000_tenants(unified: psycopg.Connection,
     labelled = {name for name, labels in after if labels and not name.startswith("unified_memory_index_")}
     assert {(n, ls) for n, ls in after if n in labelled} == {(n, ls) for n, ls in before if n in labelled}
     assert len(after) < 400
+    with pytest.raises(psycopg.errors.QueryCanceled):  # every query runs under the statement_timeout
+        metrics.snapshot(unified, timeout_ms=1)
+    assert unified.execute("SHOW statement_timeout").fetchone() == ("0",)  # local to the snapshot's transaction
+    assert unified.execute("SELECT current_user = session_user").fetchone() == (True,)
 
 
 def test_serving_answers_concurrent_scrapes_from_one_cached_snapshot(
@@ -370,14 +375,18 @@ def test_alert_rules_and_the_dashboard_name_only_metrics_the_exporter_emits(
 
 def test_third_party_noise_is_hidden_unless_verbose() -> None:
     probe = ("import logging, warnings, platformdirs; from unified_memory import logs; "
-             "logs.third_party(verbose={v}); from unified_memory import milvus; "
+             "logs.third_party(verbose={v}); from unified_memory import milvus; import grpc; "
              "warnings.warn('XDG_RUNTIME_DIR is not set', platformdirs.RuntimeDirWarning); "
-             "logging.getLogger('pymilvus.client.iterator.query_iterator').warning('failed to get mvccTs')")
-    quiet = subprocess.run([sys.executable, "-c", probe.format(v=False)], capture_output=True, text=True)
-    loud = subprocess.run([sys.executable, "-c", probe.format(v=True)], capture_output=True, text=True)
+             "logging.getLogger('pymilvus.client.iterator.query_iterator').warning('failed to get mvccTs'); "
+             "grpc.insecure_channel('127.0.0.1:1').close()")
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env["GRPC_TRACE"] = "connectivity_state"  # gRPC core's own log lines, as its transport chatter is logged
+    quiet, loud = (subprocess.run([sys.executable, "-c", probe.format(v=v)], capture_output=True, text=True, env=env,
+                                  timeout=120)
+                   for v in (False, True))
     assert quiet.returncode == loud.returncode == 0
     assert quiet.stderr == ""
-    assert "RuntimeDirWarning" in loud.stderr and "mvccTs" in loud.stderr
+    assert "RuntimeDirWarning" in loud.stderr and "mvccTs" in loud.stderr and "connectivity_state" in loud.stderr
 
 
 def test_the_cli_serves_on_loopback_and_prints_once(store: tuple[psycopg.Connection, Path], dsn: str,

@@ -455,8 +455,8 @@ def metrics_cmd(
     opts = options(ctx)
     with failures(opts):
         target = on_database(opts.target(), database) if database else opts.target()
-        read = metrics.reader(lambda: connect(target), timeout_ms=int(timeout * 1000), count_entities=metrics.
-                              milvus_counter(configured_milvus_uri(home=opts.data_dir), collection))
+        count = metrics.milvus_counter(configured_milvus_uri(home=opts.data_dir), collection)
+        read = metrics.reader(lambda: connect(target), timeout_ms=int(timeout * 1000), count_entities=count)
         collector = metrics.SnapshotCollector(read, interval=interval, tolerate_errors=serve is not None)
         if serve is None:
             print(metrics.render(collector), end="")

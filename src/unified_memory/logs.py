@@ -38,10 +38,14 @@ def third_party(*, verbose: bool) -> None:
     """Keep other libraries' warnings and log noise off a normal run; ``--verbose`` shows them.
 
     pgserver asks platformdirs for a runtime directory (a RuntimeDirWarning where XDG_RUNTIME_DIR is unset);
-    pymilvus logs warnings such as "failed to get mvccTs" for Milvus Lite, which has no such timestamp.
+    pymilvus logs warnings such as "failed to get mvccTs" for Milvus Lite, which has no such timestamp; gRPC's
+    core logs transport chatter ("GOAWAY ... too_many_pings") on long syncs. gRPC reads ``GRPC_VERBOSITY``
+    when it is loaded, so this runs before pymilvus is imported; an operator's own setting is kept.
     """
     global _verbose
     _verbose = verbose
+    if not verbose:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     category = getattr(platformdirs, "RuntimeDirWarning", None)
     if category is not None and not verbose:
         warnings.filterwarnings("ignore", category=category)
