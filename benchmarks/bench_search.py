@@ -30,14 +30,13 @@ from unified_memory import schema, vectors
 from unified_memory.embedders import HashingEmbedder
 from unified_memory.milvus import MilvusClient
 
-SIZES = ("SELECT t, CASE WHEN t = 0 THEN 7000 WHEN t <= 3 THEN 2500 WHEN t <= 20 THEN 300 WHEN t <= 120 THEN 40 "
-         "ELSE 1 + t % 9 END AS n FROM generate_series(0, 599) t")
-FILL = f"""
+FILL = """
 INSERT INTO memories (user_id, org_id, text, decay_tier)
 SELECT 'tenant-' || t, CASE WHEN t % 3 = 0 THEN 'org-' || t % 7 END,
        'memory ' || i || ' w' || abs(hashtext(t || 'a' || i)) % 300 || ' w' || abs(hashtext(t || 'b' || i)) % 300
        || ' w' || abs(hashtext(t || 'c' || i)) % 300, 'long'
-FROM ({SIZES}) sizes, generate_series(1, n) i"""
+FROM (SELECT t, CASE WHEN t = 0 THEN 7000 WHEN t <= 3 THEN 2500 WHEN t <= 20 THEN 300 WHEN t <= 120 THEN 40
+                     ELSE 1 + t % 9 END AS n FROM generate_series(0, 599) t) sizes, generate_series(1, n) i"""
 TENANTS = "SELECT user_id, org_id, count(*) AS n FROM memories GROUP BY 1, 2 ORDER BY n DESC, 1"
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -256,6 +257,17 @@ def require_compatible(client: MilvusClient, spec: CollectionSpec) -> None:
     problems = incompatibilities(client, spec)
     if problems:
         raise VectorStoreError(f"collection {spec.name} is incompatible (left as it is): " + "; ".join(problems))
+
+
+_READY: weakref.WeakKeyDictionary[MilvusClient, set[CollectionSpec]] = weakref.WeakKeyDictionary()
+
+
+def _ready(client: MilvusClient, spec: CollectionSpec) -> None:
+    """``require_compatible`` and load, once per client and collection (searches come many at a time)."""
+    if spec not in _READY.get(client, set()):
+        require_compatible(client, spec)
+        client.load_collection(spec.name)
+        _READY.setdefault(client, set()).add(spec)
 
 
 def _ensure_indexes(client: MilvusClient, spec: CollectionSpec) -> list[str]:
@@ -633,8 +645,7 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     started = time.monotonic()
     result = SearchResult(user_id, org_id)
     with maintenance(conn), _milvus("searching"):
-        require_compatible(client, spec)
-        client.load_collection(spec.name)
+        _ready(client, spec)
         live = int(scalar(conn, _TENANT_LIVE, {"user": user_id, "org": org_id}))
         probe = embedder.embed([text])[0]
         scored = _ranked(conn, client, spec, result, probe, live, k)
@@ -652,7 +663,7 @@ def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec
     in step."""
     tenant = tenant_filter(result.user_id, result.org_id, live_at=int(time.time()))
     if live <= EXACT_LIMIT:
-        return _live_only(conn, exact_search(client, spec, probe, tenant, k + 16))
+        return _live_only(conn, exact_search(client, spec, probe, tenant, k + 16, expected=live))
     ef = max(EF_MIN, EF_FACTOR * k)
     hits = client.search(spec.name, [probe], limit=k + 16, filter=tenant, output_fields=[],
                          search_params={"params": {"ef": ef}})[0]
@@ -664,26 +675,55 @@ def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec
     return scored
 
 
-def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str,
-                 k: int) -> list[tuple[str, float]]:
-    """Brute force: every vector the filter selects, streamed, cosine-ranked with numpy; the best ``k``."""
+def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str, k: int, *,
+                 expected: int | None = None) -> list[tuple[str, float]]:
+    """Brute force: every vector the filter selects, cosine-ranked with numpy; the best ``k``.
+
+    With ``expected`` (how many the filter should select, at most QUERY_LIMIT) one query fetches them all;
+    otherwise, or when the collection holds more than that, they are streamed through a query iterator.
+    """
     query = np.asarray(probe, dtype=np.float32)
     query /= max(float(np.linalg.norm(query)), 1e-12)
-    best_ids: list[str] = []
-    best_scores = np.empty(0, dtype=np.float32)
+    ranked = _TopK(k)
+    limit = min(QUERY_LIMIT, max(2 * (expected or 0), (expected or 0) + 64))
+    if expected is not None and expected <= QUERY_LIMIT:
+        batch = client.query(spec.name, filter=filter_, output_fields=["embedding"], limit=limit)
+        if len(batch) < limit:
+            ranked.add(batch, query)
+            return ranked.best()
     iterator = client.query_iterator(spec.name, batch_size=2000, filter=filter_, output_fields=["embedding"])
     try:
         while batch := iterator.next():
-            matrix = np.asarray([e["embedding"] for e in batch], dtype=np.float32)
-            norms = np.linalg.norm(matrix, axis=1)
-            scores = matrix @ query / np.where(norms == 0, 1.0, norms)
-            ids = best_ids + [str(e["id"]) for e in batch]
-            merged = np.concatenate([best_scores, scores])
-            keep = np.argsort(-merged, kind="stable")[:k]
-            best_ids, best_scores = [ids[i] for i in keep], merged[keep]
+            ranked.add(batch, query)
     finally:
         iterator.close()
-    return [(i, float(s)) for i, s in zip(best_ids, best_scores, strict=True)]
+    return ranked.best()
+
+
+QUERY_LIMIT = 16384  # Milvus' largest limit (offset + limit) for one query
+
+
+@dataclass
+class _TopK:
+    """The best ``k`` (id, cosine) seen so far, merged batch by batch."""
+
+    k: int
+    ids: list[str] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
+
+    def add(self, batch: list[dict[str, Any]], query: np.ndarray) -> None:
+        if not batch:
+            return
+        matrix = np.asarray([e["embedding"] for e in batch], dtype=np.float32)
+        norms = np.linalg.norm(matrix, axis=1)
+        scores = matrix @ query / np.where(norms == 0, 1.0, norms)
+        ids = self.ids + [str(e["id"]) for e in batch]
+        merged = np.concatenate([self.scores, scores])
+        keep = np.argsort(-merged, kind="stable")[:self.k]
+        self.ids, self.scores = [ids[i] for i in keep], merged[keep]
+
+    def best(self) -> list[tuple[str, float]]:
+        return [(i, float(s)) for i, s in zip(self.ids, self.scores, strict=True)]
 
 
 def _live_only(conn: psycopg.Connection, scored: list[tuple[str, float]]) -> list[tuple[str, float]]:
