@@ -37,6 +37,7 @@ SELECT 'tenant-' || t, CASE WHEN t % 3 = 0 THEN 'org-' || t % 7 END,
        || ' w' || abs(hashtext(t || 'c' || i)) % 300, 'long'
 FROM (SELECT t, CASE WHEN t = 0 THEN 7000 WHEN t <= 3 THEN 2500 WHEN t <= 20 THEN 300 WHEN t <= 120 THEN 40
                      ELSE 1 + t % 9 END AS n FROM generate_series(0, 599) t) sizes, generate_series(1, n) i"""
+OWN = "SELECT id::text FROM memories WHERE user_id = %s AND org_id IS NOT DISTINCT FROM %s"
 TENANTS = "SELECT user_id, org_id, count(*) AS n FROM memories GROUP BY 1, 2 ORDER BY n DESC, 1"
 
 
@@ -56,7 +57,8 @@ def measure(conn: psycopg.Connection, client: MilvusClient, spec: vectors.Collec
     for number, (user, org, n) in enumerate(tenants):
         text = f"w{number % 300} w{(number * 7) % 300} memory"
         probe = embedder.embed([text])[0]
-        truth = [i for i, _ in vectors.exact_search(client, spec, probe, vectors.tenant_filter(user, org), k)]
+        own = [r[0] for r in conn.execute(OWN, [user, org])]
+        truth = [i for i, _ in vectors.exact_by_ids(client, spec, probe, own, k)]
         base_ids, base_s = baseline(client, spec, probe, user, org, k)
         started = time.monotonic()
         tool_ids = [h["id"] for h in vectors.search(conn, client, spec, embedder, user_id=user, org_id=org,

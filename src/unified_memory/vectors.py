@@ -107,6 +107,8 @@ _PER_TENANT = ("SELECT user_id, org_id, count(*) AS n FROM memories WHERE embedd
                "GROUP BY user_id, org_id")
 _TENANT_LIVE = sql.SQL("SELECT count(*) FROM memories m WHERE m.user_id = %(user)s "
                        "AND m.org_id IS NOT DISTINCT FROM %(org)s AND {}").format(_LIVE)
+_TENANT_POINTED = sql.SQL("SELECT m.id::text FROM memories m WHERE m.user_id = %(user)s AND m.org_id IS NOT "
+                          "DISTINCT FROM %(org)s AND {} AND m.embedding_id IS NOT NULL LIMIT %(limit)s").format(_LIVE)
 _HITS = sql.SQL("SELECT m.id::text AS id, m.user_id, m.org_id, m.memory_type, m.text FROM memories m "
                 "WHERE m.id = ANY(%(ids)s::uuid[]) AND m.user_id = %(user)s AND m.org_id IS NOT DISTINCT FROM "
                 "%(org)s AND {}").format(_LIVE)
@@ -646,9 +648,13 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     result = SearchResult(user_id, org_id)
     with maintenance(conn), _milvus("searching"):
         _ready(client, spec)
-        live = int(scalar(conn, _TENANT_LIVE, {"user": user_id, "org": org_id}))
+        tenant = {"user": user_id, "org": org_id, "limit": EXACT_LIMIT + 1}
+        own = [str(r[0]) for r in conn.execute(_TENANT_POINTED, tenant)]
         probe = embedder.embed([text])[0]
-        scored = _ranked(conn, client, spec, result, probe, live, k)
+        if len(own) <= EXACT_LIMIT:  # a small tenant: its vectors by primary key, ranked exactly
+            scored = exact_by_ids(client, spec, probe, own, k)
+        else:
+            scored = _indexed(conn, client, spec, result, probe, int(scalar(conn, _TENANT_LIVE, tenant)), k)
         result.hits = _hits(conn, user_id, org_id, scored)[:k]
     result.seconds = time.monotonic() - started
     with maintenance(conn):
@@ -657,16 +663,13 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     return result
 
 
-def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, result: SearchResult,
-            probe: list[float], live: int, k: int) -> list[tuple[str, float]]:
-    """(id, score) best first, only ids live in PostgreSQL now; min(k, live) of them when the collection is
-    in step."""
+def _indexed(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, result: SearchResult,
+             probe: list[float], live: int, k: int) -> list[tuple[str, float]]:
+    """A large tenant: HNSW with a wide ef, filtered on the tenant; exact over the tenant when it returns fewer
+    than min(k, live) live hits."""
     tenant = tenant_filter(result.user_id, result.org_id, live_at=int(time.time()))
-    if live <= EXACT_LIMIT:
-        return _live_only(conn, exact_search(client, spec, probe, tenant, k + 16, expected=live))
-    ef = max(EF_MIN, EF_FACTOR * k)
     hits = client.search(spec.name, [probe], limit=k + 16, filter=tenant, output_fields=[],
-                         search_params={"params": {"ef": ef}})[0]
+                         search_params={"params": {"ef": max(EF_MIN, EF_FACTOR * k)}})[0]
     scored = _live_only(conn, [(str(h["id"]), float(h["distance"])) for h in hits])
     result.strategy = "index"
     if len(scored) < min(k, live):  # the index missed some of the tenant's memories: rank them all
@@ -675,32 +678,31 @@ def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec
     return scored
 
 
-def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str, k: int, *,
-                 expected: int | None = None) -> list[tuple[str, float]]:
-    """Brute force: every vector the filter selects, cosine-ranked with numpy; the best ``k``.
+def exact_by_ids(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], ids: list[str],
+                 k: int) -> list[tuple[str, float]]:
+    """Brute force over the given entities (fetched by primary key, the fastest read Milvus has)."""
+    ranked = _TopK(k, _unit(probe))
+    for i in range(0, len(ids), 1000):
+        ranked.add(client.get(spec.name, ids=ids[i:i + 1000], output_fields=["embedding"]))
+    return ranked.best()
 
-    With ``expected`` (how many the filter should select, at most QUERY_LIMIT) one query fetches them all;
-    otherwise, or when the collection holds more than that, they are streamed through a query iterator.
-    """
-    query = np.asarray(probe, dtype=np.float32)
-    query /= max(float(np.linalg.norm(query)), 1e-12)
-    ranked = _TopK(k)
-    limit = min(QUERY_LIMIT, max(2 * (expected or 0), (expected or 0) + 64))
-    if expected is not None and expected <= QUERY_LIMIT:
-        batch = client.query(spec.name, filter=filter_, output_fields=["embedding"], limit=limit)
-        if len(batch) < limit:
-            ranked.add(batch, query)
-            return ranked.best()
+
+def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str,
+                 k: int) -> list[tuple[str, float]]:
+    """Brute force over every entity the filter selects, streamed; the best ``k`` by cosine."""
+    ranked = _TopK(k, _unit(probe))
     iterator = client.query_iterator(spec.name, batch_size=2000, filter=filter_, output_fields=["embedding"])
     try:
         while batch := iterator.next():
-            ranked.add(batch, query)
+            ranked.add(batch)
     finally:
         iterator.close()
     return ranked.best()
 
 
-QUERY_LIMIT = 16384  # Milvus' largest limit (offset + limit) for one query
+def _unit(vector: Sequence[float]) -> np.ndarray:
+    query = np.asarray(vector, dtype=np.float32)
+    return query / max(float(np.linalg.norm(query)), 1e-12)
 
 
 @dataclass
@@ -708,15 +710,16 @@ class _TopK:
     """The best ``k`` (id, cosine) seen so far, merged batch by batch."""
 
     k: int
+    query: np.ndarray
     ids: list[str] = field(default_factory=list)
     scores: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
 
-    def add(self, batch: list[dict[str, Any]], query: np.ndarray) -> None:
+    def add(self, batch: list[dict[str, Any]]) -> None:
         if not batch:
             return
         matrix = np.asarray([e["embedding"] for e in batch], dtype=np.float32)
         norms = np.linalg.norm(matrix, axis=1)
-        scores = matrix @ query / np.where(norms == 0, 1.0, norms)
+        scores = matrix @ self.query / np.where(norms == 0, 1.0, norms)
         ids = self.ids + [str(e["id"]) for e in batch]
         merged = np.concatenate([self.scores, scores])
         keep = np.argsort(-merged, kind="stable")[:self.k]
