@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row, scalar_row
 
 from .checks import FAIL, PASS, WARN, Check
 from .db import custom_plans, maintenance, relation_exists, scalar
@@ -168,6 +168,12 @@ def _rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any])
     with conn.cursor(binary=True, row_factory=class_row(MemoryRow)) as cur:
         cur.adapters.register_loader(FLOAT4_ARRAY_OID, _Float4ArrayLoader)
         return cur.execute(query, {"chars": TEXT_CHARS, **params}).fetchall()
+
+
+def _ids(conn: psycopg.Connection, query: str | sql.Composed, params: Sequence[Any] | dict[str, Any]) -> list[str]:
+    """The single text column (memory ids) of ``query``'s rows."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return [str(i) for i in cur.execute(query, params)]
 
 
 @dataclass(frozen=True)
@@ -481,7 +487,7 @@ def _upsert_pending(run: _Syncer, *, full: bool, progress: Progress | None) -> N
 
 def _remove_expired(run: _Syncer) -> None:
     """Memories whose expiry has passed (or that are deleted) while a vector still points at them."""
-    while ids := [str(r[0]) for r in run.conn.execute(_EXPIRED, [run.batch_size])]:
+    while ids := _ids(run.conn, _EXPIRED, [run.batch_size]):
         run.remove(ids)
 
 
@@ -491,7 +497,7 @@ def _remove_orphans(run: _Syncer) -> None:
     try:
         while batch := iterator.next():
             ids = [str(e["id"]) for e in batch]
-            live = {str(r[0]) for r in run.conn.execute(_LIVE_IDS, [ids])}
+            live = set(_ids(run.conn, _LIVE_IDS, [ids]))
             gone = [i for i in ids if i not in live]
             if gone:
                 run.client.delete(run.spec.name, ids=gone)
@@ -649,7 +655,7 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     with maintenance(conn), _milvus("searching"):
         _ready(client, spec)
         tenant = {"user": user_id, "org": org_id, "limit": EXACT_LIMIT + 1}
-        own = [str(r[0]) for r in conn.execute(_TENANT_POINTED, tenant)]
+        own = _ids(conn, _TENANT_POINTED, tenant)
         probe = embedder.embed([text])[0]
         if len(own) <= EXACT_LIMIT:  # a small tenant: its vectors by primary key, ranked exactly
             scored = exact_by_ids(client, spec, probe, own, k)
@@ -732,14 +738,14 @@ class _TopK:
 def _live_only(conn: psycopg.Connection, scored: list[tuple[str, float]]) -> list[tuple[str, float]]:
     if not scored:
         return scored
-    live = {str(r[0]) for r in conn.execute(_LIVE_IDS, [[i for i, _ in scored]])}
+    live = set(_ids(conn, _LIVE_IDS, [[i for i, _ in scored]]))
     return [(i, s) for i, s in scored if i in live]
 
 
 def _hits(conn: psycopg.Connection, user_id: str, org_id: str | None,
           scored: list[tuple[str, float]]) -> list[dict[str, Any]]:
     """The hits with their current tenant, type and text from PostgreSQL (what is served is what is there now)."""
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with conn.cursor(row_factory=dict_row) as cur:
         rows = {r["id"]: r for r in cur.execute(_HITS, {"ids": [i for i, _ in scored], "user": user_id,
                                                          "org": org_id})}
     return [{"id": i, "score": round(s, 4), **{k: v for k, v in rows[i].items() if k != "id"}}
@@ -796,7 +802,7 @@ def _pointed(conn: psycopg.Connection, sample: int | None, seed: str, batch_size
 
 
 def _tenant_counts(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec) -> Check:
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with conn.cursor(row_factory=dict_row) as cur:
         expected = {(r["user_id"], r["org_id"]): int(r["n"]) for r in cur.execute(_PER_TENANT)}
     actual: Counter[tuple[str, str | None]] = Counter()
     iterator = client.query_iterator(spec.name, batch_size=5000, filter="", output_fields=["user_id", "org_id"])
@@ -806,7 +812,7 @@ def _tenant_counts(conn: psycopg.Connection, client: MilvusClient, spec: Collect
     finally:
         iterator.close()
     differing = sorted((t for t in set(expected) | set(actual) if expected.get(t, 0) != actual.get(t, 0)),
-                       key=lambda t: (t[0], t[1] or ""))
+                       key=lambda tenant: (tenant[0], tenant[1] or ""))
     evidence = {"tenants": len(expected), "memories_with_vector": sum(expected.values()),
                 "entities": sum(actual.values()),
                 "differing_tenants": [{"user_id": u, "org_id": o, "memories": expected.get((u, o), 0),
