@@ -11,6 +11,9 @@ peak RSS includes the embedded Milvus server (about 650 MB of it as soon as a cl
 Baseline: the same entities, read beforehand (not timed), given
 to ``MilvusClient.insert`` in batches of 1,000 into an identical fresh collection in another Milvus Lite file.
 A second tool figure, for memories without a kept vector, uses the built-in hashing embedder.
+Incremental: after that, 1% of the memories are edited (text) and 0.1% soft-deleted; ``vectors sync`` then
+applies only those changes (the outbox of migration 021), timed beside ``vectors sync --full`` (every live
+memory re-upserted and every entity checked) of the same state, in the same run.
 """
 
 from __future__ import annotations
@@ -64,6 +67,25 @@ def tool_sync(db: str, path: Path, embedder: str) -> dict[str, float]:
             "peak_rss_mb_with_milvus_lite": round(sync.peak_rss_mb, 1)}
 
 
+def incremental(db: str, path: Path) -> dict[str, object]:
+    """1% edited and 0.1% soft-deleted, then ``vectors sync`` (changes only) beside ``vectors sync --full``."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        edited = conn.execute("UPDATE memories SET text = text || ' (edited)' WHERE abs(hashtext(id::text)) % 100 = 0"
+                              ).rowcount
+        deleted = conn.execute("UPDATE memories SET deleted_at = now() WHERE abs(hashtext(id::text)) % 1000 = 1"
+                               ).rowcount
+    env = {"MILVUS_URI": str(path)}
+    home = ["--data-dir", str(path.parent / "home")]
+    changed = run_tool(["--dsn", db, "-q", "--json", *home, "vectors", "sync", "--embedder", "hashing"], env)
+    full = run_tool(["--dsn", db, "-q", "--json", *home, "vectors", "sync", "--full", "--embedder", "hashing"], env)
+    return {"edited": edited, "soft_deleted": deleted,
+            "incremental_sync": {"seconds": json.loads(changed.stdout)["seconds"], "wall": round(changed.seconds, 2),
+                                 "synced": json.loads(changed.stdout)["synced"],
+                                 "removed": json.loads(changed.stdout)["removed"]},
+            "full_sync": {"seconds": json.loads(full.stdout)["seconds"], "wall": round(full.seconds, 2),
+                          "synced": json.loads(full.stdout)["synced"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=30_000, help="memory_items rows (each with a vector)")
@@ -85,12 +107,14 @@ def main() -> None:
                 conn.execute("UPDATE memories SET embedding_id = NULL")
                 conn.execute("DELETE FROM memory_legacy_embeddings")
             embedded = tool_sync(db, work / "embedded.db", "hashing")
+            changes = incremental(db, work / "embedded.db")
         print(json.dumps({
             "entities": entities,
             "baseline_plain_insert": {"seconds": round(base_seconds, 2), "rows_per_s": round(entities / base_seconds)},
             "tool_sync_kept_vectors": {**tool, "rows_per_s": round(entities / tool["sync_seconds"])},
             "ratio_tool_to_baseline": round(base_seconds / tool["sync_seconds"], 2),
             "tool_sync_hashing_embedder": {**embedded, "rows_per_s": round(entities / embedded["sync_seconds"])},
+            "one_percent_changed": changes,
         }, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

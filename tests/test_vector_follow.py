@@ -258,3 +258,30 @@ def test_an_existing_deployment_picks_up_changes_made_before_the_outbox(conn: ps
     assert not verify(conn, milvus, SPEC, EMBEDDER).ok  # the hard-deleted one is an orphan entity
     assert sync(conn, milvus, SPEC, EMBEDDER, full=True).removed == 1
     assert verify(conn, milvus, SPEC, EMBEDDER).ok and set(stored(milvus, ids)) == set(ids[1:2] + ids[3:])
+
+
+RECALL_FILL = """
+INSERT INTO memories (user_id, org_id, text, decay_tier)
+SELECT 'tenant-' || t, CASE WHEN t % 3 = 0 THEN 'org-' || t % 7 END,
+       'memory w' || abs(hashtext(t || 'a' || i)) % 200 || ' w' || abs(hashtext(t || 'b' || i)) % 200, 'long'
+FROM (SELECT t, CASE WHEN t = 0 THEN 7000 WHEN t <= 3 THEN 2500 WHEN t <= 20 THEN 300 WHEN t <= 120 THEN 40
+                     ELSE 1 + t % 9 END AS n FROM generate_series(0, 549) t) sizes, generate_series(1, n) i"""
+
+
+def test_every_tenant_gets_min_k_n_of_its_own_hits(unified: psycopg.Connection, milvus: MilvusClient) -> None:
+    """550 tenants from 1 to 7,000 memories (about 25,000) in one collection: min(k, n) own hits for each."""
+    unified.execute(RECALL_FILL)
+    spec, embedder = CollectionSpec("recall", 16), HashingEmbedder(16)
+    up(milvus, spec)
+    assert sync(unified, milvus, spec, embedder, batch_size=5000).synced >= 20000
+    unified.execute("UPDATE memories SET deleted_at = now() WHERE user_id = 'tenant-1' AND text LIKE '%w1 %'")
+    tenants = unified.execute("SELECT user_id, org_id, count(*) FILTER (WHERE deleted_at IS NULL) FROM memories "
+                              "GROUP BY 1, 2").fetchall()
+    assert len(tenants) >= 500 and {n for _, _, n in tenants} >= {1, 9, 40, 300, 7000}
+    short = []
+    for number, (user, org, n) in enumerate(tenants):
+        hits = search(unified, milvus, spec, embedder, user_id=user, org_id=org, text=f"memory w{number % 200}",
+                      k=5).hits
+        if len(hits) != min(5, n) or {(h["user_id"], h["org_id"]) for h in hits} != {(user, org)}:
+            short.append((user, org, n, len(hits)))
+    assert short == []

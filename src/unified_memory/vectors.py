@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row, scalar_row
 
 from .checks import FAIL, PASS, WARN, Check
 from .db import custom_plans, maintenance, relation_exists, scalar
@@ -106,6 +107,8 @@ _PER_TENANT = ("SELECT user_id, org_id, count(*) AS n FROM memories WHERE embedd
                "GROUP BY user_id, org_id")
 _TENANT_LIVE = sql.SQL("SELECT count(*) FROM memories m WHERE m.user_id = %(user)s "
                        "AND m.org_id IS NOT DISTINCT FROM %(org)s AND {}").format(_LIVE)
+_TENANT_POINTED = sql.SQL("SELECT m.id::text FROM memories m WHERE m.user_id = %(user)s AND m.org_id IS NOT "
+                          "DISTINCT FROM %(org)s AND {} AND m.embedding_id IS NOT NULL LIMIT %(limit)s").format(_LIVE)
 _HITS = sql.SQL("SELECT m.id::text AS id, m.user_id, m.org_id, m.memory_type, m.text FROM memories m "
                 "WHERE m.id = ANY(%(ids)s::uuid[]) AND m.user_id = %(user)s AND m.org_id IS NOT DISTINCT FROM "
                 "%(org)s AND {}").format(_LIVE)
@@ -165,6 +168,12 @@ def _rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any])
     with conn.cursor(binary=True, row_factory=class_row(MemoryRow)) as cur:
         cur.adapters.register_loader(FLOAT4_ARRAY_OID, _Float4ArrayLoader)
         return cur.execute(query, {"chars": TEXT_CHARS, **params}).fetchall()
+
+
+def _ids(conn: psycopg.Connection, query: str | sql.Composed, params: Sequence[Any] | dict[str, Any]) -> list[str]:
+    """The single text column (memory ids) of ``query``'s rows."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return [str(i) for i in cur.execute(query, params)]
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,17 @@ def require_compatible(client: MilvusClient, spec: CollectionSpec) -> None:
     problems = incompatibilities(client, spec)
     if problems:
         raise VectorStoreError(f"collection {spec.name} is incompatible (left as it is): " + "; ".join(problems))
+
+
+_READY: weakref.WeakKeyDictionary[MilvusClient, set[CollectionSpec]] = weakref.WeakKeyDictionary()
+
+
+def _ready(client: MilvusClient, spec: CollectionSpec) -> None:
+    """``require_compatible`` and load, once per client and collection (searches come many at a time)."""
+    if spec not in _READY.get(client, set()):
+        require_compatible(client, spec)
+        client.load_collection(spec.name)
+        _READY.setdefault(client, set()).add(spec)
 
 
 def _ensure_indexes(client: MilvusClient, spec: CollectionSpec) -> list[str]:
@@ -467,7 +487,7 @@ def _upsert_pending(run: _Syncer, *, full: bool, progress: Progress | None) -> N
 
 def _remove_expired(run: _Syncer) -> None:
     """Memories whose expiry has passed (or that are deleted) while a vector still points at them."""
-    while ids := [str(r[0]) for r in run.conn.execute(_EXPIRED, [run.batch_size])]:
+    while ids := _ids(run.conn, _EXPIRED, [run.batch_size]):
         run.remove(ids)
 
 
@@ -477,7 +497,7 @@ def _remove_orphans(run: _Syncer) -> None:
     try:
         while batch := iterator.next():
             ids = [str(e["id"]) for e in batch]
-            live = {str(r[0]) for r in run.conn.execute(_LIVE_IDS, [ids])}
+            live = set(_ids(run.conn, _LIVE_IDS, [ids]))
             gone = [i for i in ids if i not in live]
             if gone:
                 run.client.delete(run.spec.name, ids=gone)
@@ -633,11 +653,14 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     started = time.monotonic()
     result = SearchResult(user_id, org_id)
     with maintenance(conn), _milvus("searching"):
-        require_compatible(client, spec)
-        client.load_collection(spec.name)
-        live = int(scalar(conn, _TENANT_LIVE, {"user": user_id, "org": org_id}))
+        _ready(client, spec)
+        tenant = {"user": user_id, "org": org_id, "limit": EXACT_LIMIT + 1}
+        own = _ids(conn, _TENANT_POINTED, tenant)
         probe = embedder.embed([text])[0]
-        scored = _ranked(conn, client, spec, result, probe, live, k)
+        if len(own) <= EXACT_LIMIT:  # a small tenant: its vectors by primary key, ranked exactly
+            scored = exact_by_ids(client, spec, probe, own, k)
+        else:
+            scored = _indexed(conn, client, spec, result, probe, int(scalar(conn, _TENANT_LIVE, tenant)), k)
         result.hits = _hits(conn, user_id, org_id, scored)[:k]
     result.seconds = time.monotonic() - started
     with maintenance(conn):
@@ -646,16 +669,13 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
     return result
 
 
-def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, result: SearchResult,
-            probe: list[float], live: int, k: int) -> list[tuple[str, float]]:
-    """(id, score) best first, only ids live in PostgreSQL now; min(k, live) of them when the collection is
-    in step."""
+def _indexed(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, result: SearchResult,
+             probe: list[float], live: int, k: int) -> list[tuple[str, float]]:
+    """A large tenant: HNSW with a wide ef, filtered on the tenant; exact over the tenant when it returns fewer
+    than min(k, live) live hits."""
     tenant = tenant_filter(result.user_id, result.org_id, live_at=int(time.time()))
-    if live <= EXACT_LIMIT:
-        return _live_only(conn, exact_search(client, spec, probe, tenant, k + 16))
-    ef = max(EF_MIN, EF_FACTOR * k)
     hits = client.search(spec.name, [probe], limit=k + 16, filter=tenant, output_fields=[],
-                         search_params={"params": {"ef": ef}})[0]
+                         search_params={"params": {"ef": max(EF_MIN, EF_FACTOR * k)}})[0]
     scored = _live_only(conn, [(str(h["id"]), float(h["distance"])) for h in hits])
     result.strategy = "index"
     if len(scored) < min(k, live):  # the index missed some of the tenant's memories: rank them all
@@ -664,39 +684,68 @@ def _ranked(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec
     return scored
 
 
+def exact_by_ids(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], ids: list[str],
+                 k: int) -> list[tuple[str, float]]:
+    """Brute force over the given entities (fetched by primary key, the fastest read Milvus has)."""
+    ranked = _TopK(k, _unit(probe))
+    for i in range(0, len(ids), 1000):
+        ranked.add(client.get(spec.name, ids=ids[i:i + 1000], output_fields=["embedding"]))
+    return ranked.best()
+
+
 def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str,
                  k: int) -> list[tuple[str, float]]:
-    """Brute force: every vector the filter selects, streamed, cosine-ranked with numpy; the best ``k``."""
-    query = np.asarray(probe, dtype=np.float32)
-    query /= max(float(np.linalg.norm(query)), 1e-12)
-    best_ids: list[str] = []
-    best_scores = np.empty(0, dtype=np.float32)
+    """Brute force over every entity the filter selects, streamed; the best ``k`` by cosine."""
+    ranked = _TopK(k, _unit(probe))
     iterator = client.query_iterator(spec.name, batch_size=2000, filter=filter_, output_fields=["embedding"])
     try:
         while batch := iterator.next():
-            matrix = np.asarray([e["embedding"] for e in batch], dtype=np.float32)
-            norms = np.linalg.norm(matrix, axis=1)
-            scores = matrix @ query / np.where(norms == 0, 1.0, norms)
-            ids = best_ids + [str(e["id"]) for e in batch]
-            merged = np.concatenate([best_scores, scores])
-            keep = np.argsort(-merged, kind="stable")[:k]
-            best_ids, best_scores = [ids[i] for i in keep], merged[keep]
+            ranked.add(batch)
     finally:
         iterator.close()
-    return [(i, float(s)) for i, s in zip(best_ids, best_scores, strict=True)]
+    return ranked.best()
+
+
+def _unit(vector: Sequence[float]) -> np.ndarray:
+    query = np.asarray(vector, dtype=np.float32)
+    return query / max(float(np.linalg.norm(query)), 1e-12)
+
+
+@dataclass
+class _TopK:
+    """The best ``k`` (id, cosine) seen so far, merged batch by batch."""
+
+    k: int
+    query: np.ndarray
+    ids: list[str] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
+
+    def add(self, batch: list[dict[str, Any]]) -> None:
+        if not batch:
+            return
+        matrix = np.asarray([e["embedding"] for e in batch], dtype=np.float32)
+        norms = np.linalg.norm(matrix, axis=1)
+        scores = matrix @ self.query / np.where(norms == 0, 1.0, norms)
+        ids = self.ids + [str(e["id"]) for e in batch]
+        merged = np.concatenate([self.scores, scores])
+        keep = np.argsort(-merged, kind="stable")[:self.k]
+        self.ids, self.scores = [ids[i] for i in keep], merged[keep]
+
+    def best(self) -> list[tuple[str, float]]:
+        return [(i, float(s)) for i, s in zip(self.ids, self.scores, strict=True)]
 
 
 def _live_only(conn: psycopg.Connection, scored: list[tuple[str, float]]) -> list[tuple[str, float]]:
     if not scored:
         return scored
-    live = {str(r[0]) for r in conn.execute(_LIVE_IDS, [[i for i, _ in scored]])}
+    live = set(_ids(conn, _LIVE_IDS, [[i for i, _ in scored]]))
     return [(i, s) for i, s in scored if i in live]
 
 
 def _hits(conn: psycopg.Connection, user_id: str, org_id: str | None,
           scored: list[tuple[str, float]]) -> list[dict[str, Any]]:
     """The hits with their current tenant, type and text from PostgreSQL (what is served is what is there now)."""
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with conn.cursor(row_factory=dict_row) as cur:
         rows = {r["id"]: r for r in cur.execute(_HITS, {"ids": [i for i, _ in scored], "user": user_id,
                                                          "org": org_id})}
     return [{"id": i, "score": round(s, 4), **{k: v for k, v in rows[i].items() if k != "id"}}
@@ -753,7 +802,7 @@ def _pointed(conn: psycopg.Connection, sample: int | None, seed: str, batch_size
 
 
 def _tenant_counts(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec) -> Check:
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with conn.cursor(row_factory=dict_row) as cur:
         expected = {(r["user_id"], r["org_id"]): int(r["n"]) for r in cur.execute(_PER_TENANT)}
     actual: Counter[tuple[str, str | None]] = Counter()
     iterator = client.query_iterator(spec.name, batch_size=5000, filter="", output_fields=["user_id", "org_id"])
@@ -763,7 +812,7 @@ def _tenant_counts(conn: psycopg.Connection, client: MilvusClient, spec: Collect
     finally:
         iterator.close()
     differing = sorted((t for t in set(expected) | set(actual) if expected.get(t, 0) != actual.get(t, 0)),
-                       key=lambda t: (t[0], t[1] or ""))
+                       key=lambda tenant: (tenant[0], tenant[1] or ""))
     evidence = {"tenants": len(expected), "memories_with_vector": sum(expected.values()),
                 "entities": sum(actual.values()),
                 "differing_tenants": [{"user_id": u, "org_id": o, "memories": expected.get((u, o), 0),
