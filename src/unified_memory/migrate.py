@@ -420,10 +420,9 @@ def _open_ledger(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOpt
     with conn.transaction():
         conn.execute("UPDATE memory_migration_runs SET status = 'interrupted', finished_at = now() "
                      "WHERE status = 'running'")  # we hold the lock: a 'running' row is a dead run
-        row = conn.execute("INSERT INTO memory_migration_runs (options, shapes) VALUES (%s, %s) RETURNING run_id",
-                           [json.dumps(opts.to_dict()), json.dumps(run.shapes)]).fetchone()
-    assert row is not None
-    return int(row[0])
+        run_id = scalar(conn, "INSERT INTO memory_migration_runs (options, shapes) VALUES (%s, %s) RETURNING run_id",
+                        [json.dumps(opts.to_dict()), json.dumps(run.shapes)])
+    return int(run_id)
 
 
 def _close_ledger(conn: psycopg.Connection, run: MigrationRun, status: str, error: str | None) -> None:
@@ -441,8 +440,7 @@ class _lock:
         self.conn = conn
 
     def __enter__(self) -> None:
-        row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", MIGRATE_LOCK).fetchone()
-        if not row or not row[0]:
+        if scalar(self.conn, "SELECT pg_try_advisory_lock(%s, %s)", MIGRATE_LOCK) is not True:
             raise LockBusy("another migration is running on this database (advisory lock held); try again later")
 
     def __exit__(self, *exc: object) -> None:

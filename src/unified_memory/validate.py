@@ -22,6 +22,7 @@ from .backup import BackupManifest
 from .db import maintenance, relation_exists, scalar
 from .errors import ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
+from .parallel import Workers, default_jobs
 from .shapes import LEGACY_TABLES, detect
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -264,32 +265,35 @@ def integrity_checks(conn: psycopg.Connection) -> list[Check]:
 
 # ------------------------------------------------------------------------------------------- reconciliation
 def reconciliation_checks(conn: psycopg.Connection, manifest: BackupManifest | None) -> list[Check]:
-    """Per legacy table: every source row has one outcome, and migrated content equals the mapped source."""
+    """Per legacy table: every source row has one outcome, and migrated content equals the mapped source.
+    The tables are reconciled on parallel connections (``parallel.default_jobs``)."""
     tz = scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
                        "WHERE status = 'succeeded' ORDER BY run_id DESC LIMIT 1), 'UTC')")
-    checks = []
-    for table in LEGACY_TABLES:
-        try:
-            found = detect(conn, table)
-        except ShapeError as exc:
-            checks.append(Check(f"reconciliation.counts.{table}", FAIL, str(exc)))
-            continue
-        if found is None:
-            checks.append(_without_source(conn, table, manifest))
-            continue
-        account = reconcile.counts(conn, table, found.shape)
-        left = int(account["unaccounted"])
-        message = (f"{account['source_rows']} source rows = {account['migrated']} migrated + {account['duplicates']}"
-                   f" duplicates + {account['quarantined']} quarantined")
-        checks.append(Check(f"reconciliation.counts.{table}", PASS if left == 0 else FAIL,
-                            message if left == 0 else f"{left} source rows (or items) have no outcome "
-                                                      f"or more than one; {message}", account))
-        diff = reconcile.content(conn, table, found.shape, source_timezone=tz)
-        checks.append(Check(
-            f"reconciliation.content.{table}", PASS if diff.equal else FAIL,
-            f"mapped content equal for {diff.compared_rows} memories of {diff.tenants} tenants" if diff.equal else
-            f"content differs for {len(diff.differing_tenants)} tenants; keys: {', '.join(diff.differing_keys[:5])}",
-            diff.to_dict()))
+    with Workers(conn, min(default_jobs(conn), len(LEGACY_TABLES))) as workers:
+        per_table = workers.map(lambda c, t: _reconcile_table(c, t, manifest, str(tz)), list(LEGACY_TABLES))
+    return [check for checks in per_table for check in checks]
+
+
+def _reconcile_table(conn: psycopg.Connection, table: str, manifest: BackupManifest | None, tz: str) -> list[Check]:
+    try:
+        found = detect(conn, table)
+    except ShapeError as exc:
+        return [Check(f"reconciliation.counts.{table}", FAIL, str(exc))]
+    if found is None:
+        return [_without_source(conn, table, manifest)]
+    account = reconcile.counts(conn, table, found.shape)
+    left = int(account["unaccounted"])
+    message = (f"{account['source_rows']} source rows = {account['migrated']} migrated + {account['duplicates']}"
+               f" duplicates + {account['quarantined']} quarantined")
+    checks = [Check(f"reconciliation.counts.{table}", PASS if left == 0 else FAIL,
+                    message if left == 0 else f"{left} source rows (or items) have no outcome "
+                                              f"or more than one; {message}", account)]
+    diff = reconcile.content(conn, table, found.shape, source_timezone=tz)
+    checks.append(Check(
+        f"reconciliation.content.{table}", PASS if diff.equal else FAIL,
+        f"mapped content equal for {diff.compared_rows} memories of {diff.tenants} tenants" if diff.equal else
+        f"content differs for {len(diff.differing_tenants)} tenants; keys: {', '.join(diff.differing_keys[:5])}",
+        diff.to_dict()))
     return checks
 
 
