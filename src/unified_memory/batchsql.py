@@ -182,10 +182,11 @@ def whole_table_load(m: TableMapping) -> sql.Composed:
         _insert_memories(m, source), _insert_vectors(m, source))
 
 
-def mapped_source(m: TableMapping) -> tuple[sql.Composable, sql.Composable]:
-    """(CTE prelude, FROM clause) over the whole source table, rows or items as ``s``: for reconciliation."""
+def mapped_source(m: TableMapping, where: sql.Composable | None = None) -> tuple[sql.Composable, sql.Composable]:
+    """(CTE prelude, FROM clause) over the source table, rows or items as ``s``: for reconciliation. ``where``
+    limits a ctid table's rows (others filter ``s`` themselves)."""
     if m.expands:
-        prelude, source, *_ = _long_term_prelude(m, sql.SQL("TRUE"))
+        prelude, source, *_ = _long_term_prelude(m, where or sql.SQL("TRUE"))
         return prelude, source
     return sql.SQL(""), sql.SQL("FROM {} s").format(sql.Identifier(m.table))
 
