@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from .mapping import LONG_TERM_ROW_QUARANTINE
+from .mapping import LONG_TERM_ROW_QUARANTINE, mapping_for
 
 
 @dataclass
@@ -69,11 +69,11 @@ _LONG_TERM_ITEMS = sql.SQL(
     "coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) AS items "
     "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s) d "
     "WHERE doc IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine q "
-    "WHERE q.source_table = 'long_term_memory' AND q.source_key = d.row_key) "
+    "WHERE q.source_table = %(t)s AND q.source_key = d.row_key) "
     "AND (jsonb_typeof(doc) IN ('array', 'object', 'string')) "
-    "AND (EXISTS (SELECT 1 FROM memories m WHERE m.source_table = 'long_term_memory' "
+    "AND (EXISTS (SELECT 1 FROM memories m WHERE m.source_table = %(t)s "
     "             AND m.source_key = d.row_key || '#0') "
-    "     OR EXISTS (SELECT 1 FROM memory_migration_quarantine q WHERE q.source_table = 'long_term_memory' "
+    "     OR EXISTS (SELECT 1 FROM memory_migration_quarantine q WHERE q.source_table = %(t)s "
     "             AND q.source_key = d.row_key || '#0'))"
 )
 
@@ -86,8 +86,8 @@ def account(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
     reasons: dict[str, int] = {k: int(v) for k, v in row["reasons"].items()}
     result = TableAccount(table, shape, int(row["source_rows"]), int(row["migrated"]), reasons.pop("duplicate_id", 0),
                           reasons)
-    if table == "long_term_memory":
-        expanded = cur.execute(_LONG_TERM_ITEMS.format(table=sql.Identifier(table))).fetchone()
+    if mapping_for(table, shape).expands:
+        expanded = cur.execute(_LONG_TERM_ITEMS.format(table=sql.Identifier(table)), {"t": table}).fetchone()
         assert expanded is not None
         result.expanded_rows, result.items = int(expanded["expanded_rows"]), int(expanded["items"])
     return result
