@@ -67,7 +67,8 @@ _OUTCOMES = sql.SQL(
 _LONG_TERM_ITEMS = sql.SQL(
     "SELECT count(*) AS expanded_rows, "
     "coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) AS items "
-    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s) d "
+    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s "
+    "OFFSET 0) d "  # OFFSET 0: one parse per row, not one per reference to doc
     "WHERE doc IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine q "
     "WHERE q.source_table = %(t)s AND q.source_key = d.row_key) "
     "AND (jsonb_typeof(doc) IN ('array', 'object', 'string')) "

@@ -90,14 +90,15 @@ def _expires(m: TableMapping) -> sql.Composable:
 
 
 def _insert_memories(m: TableMapping, source: sql.Composable, *, conflict: bool = True) -> sql.Composed:
-    """``INSERT INTO memories`` of the source's good rows (``source`` binds ``s``), returning (id, source_key)."""
+    """``INSERT INTO memories`` of the source's good rows (``source`` binds ``s``), returning (id, source_key).
+    ``OFFSET 0`` keeps the mapped row a subquery: its columns are computed once, not again in ``expires_at``."""
     columns = m.column_sql()
     targets = sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
     exprs = sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in columns)
     return sql.SQL(
         "INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at) "
         "SELECT {targets}, {expires}, {table}, mapped.um_source_key, now() FROM "
-        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL) mapped "
+        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL OFFSET 0) mapped "
         "{conflict} RETURNING id, source_key"
     ).format(targets=targets, expires=_expires(m), table=sql.Literal(m.table), exprs=exprs, key=sql.SQL(m.key),
              source=source, reason=sql.SQL(m.reason_sql()),
