@@ -227,7 +227,7 @@ def _migrate_table(conn: psycopg.Connection, workers: Workers, m: TableMapping, 
     log.info("table=%s shape=%s pending=%d ranges=%d anti_join=%s", m.table, m.shape, tr.pending_before,
              len(plan), any(r.anti_join for r in plan))
     done = _Done(m.table, tr, started, progress)
-    results = workers.map(lambda c, r: _migrate_range(c, m, r, run, opts, done), todo)
+    results = workers.map(lambda c, r: _migrate_range(c, m, r, run, opts, done, workers.stop), todo)
     for result in results:
         tr.add(result)
     with run.phases.timed("checkpoint"), conn.transaction():
@@ -252,8 +252,9 @@ class _Done:
 
 
 def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, run: MigrationRun,
-                   opts: MigrationOptions, done: _Done) -> TableRun:
-    """One key range, batch after batch; each batch commits its outcomes and the range's checkpoint."""
+                   opts: MigrationOptions, done: _Done, stop: threading.Event) -> TableRun:
+    """One key range, batch after batch; each batch commits its outcomes and the range's checkpoint. Stops
+    between batches when another range failed (``stop``): its checkpoint says where to resume."""
     tr = TableRun(m.shape)
     params: dict[str, object] = {"tz": opts.source_timezone, "expiry": opts.expiry, "run_id": run.run_id,
                                  "limit": opts.batch_size, "max_bytes": opts.max_batch_bytes}
@@ -261,7 +262,7 @@ def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, 
     if rg.anti_join:
         with phases.timed("statistics"):
             _refresh_statistics(conn)
-    while True:
+    while not stop.is_set():
         with phases.timed("find_batch"):
             upper, count = _next_upper(conn, m, rg, after, params)
         if upper is None:
@@ -284,6 +285,8 @@ def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, 
                  tr.migrated)
         if opts.pause_ms:
             time.sleep(opts.pause_ms / 1000)
+    if stop.is_set():
+        return tr  # not completed: the failure that set ``stop`` is raised by its own worker
     with phases.timed("checkpoint"), conn.transaction():
         ranges.complete(conn, m, rg, after)
     return tr
