@@ -391,11 +391,12 @@ def rebuild_deferred_indexes(conn: psycopg.Connection, workers: Workers | None =
         "SELECT index_name, definition FROM memory_migration_deferred_indexes "
         "ORDER BY definition LIKE '%% USING gin %%' DESC, index_name").fetchall()
     builders = min(workers.n if workers else 1, max(len(rows), 1))
-    helpers = max(0, server_cores(conn) // builders - 1)
+    helpers = str(max(0, server_cores(conn) // builders - 1)) if builders > 1 else None  # one builder: the server's
 
     def build(c: psycopg.Connection, index: dict[str, str]) -> None:
         c.execute("SELECT set_config('maintenance_work_mem', '256MB', false), "
-                  "set_config('max_parallel_maintenance_workers', %s, false)", [str(helpers)])
+                  "set_config('max_parallel_maintenance_workers', "
+                  "coalesce(%s, current_setting('max_parallel_maintenance_workers')), false)", [helpers])
         with c.transaction():
             # the definition is pg_get_indexdef() output saved by _defer_indexes, not user input
             c.execute(_if_not_exists(index["definition"]))
