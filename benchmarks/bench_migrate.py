@@ -65,7 +65,8 @@ def measure_tool(server: str, template: str, jobs: int, batch_size: int | None) 
     return {"jobs": summary["options"].get("jobs", jobs), "seconds": round(tool.seconds, 2),
             "memories": sum(t["migrated"] for t in summary["tables"].values()),
             "peak_rss_mb": round(tool.peak_rss_mb, 1), "unaccounted": summary["unaccounted"],
-            "phases": summary.get("phases", {})}
+            "phases": summary.get("phases", {}),
+            "tables": {t: v["this_run"]["seconds"] for t, v in summary["tables"].items()}}
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=160_000, help="rows per legacy table")
     parser.add_argument("--dsn", help="server to measure on (a database is created and dropped)")
+    parser.add_argument("--compare-with", help="the src/ directory of another checkout: its validate also runs, "
+                                               "on the same database in the same run (e.g. before a change)")
     args = parser.parse_args()
     with scratch_database(server_dsn(args.dsn)) as db:
         with psycopg.connect(db, autocommit=True) as conn:
@@ -43,12 +45,16 @@ def main() -> None:
             baseline = time.monotonic() - started
         tool = run_tool(["--dsn", db, "--json", "validate"])
         report = json.loads(tool.stdout)
+        other = run_tool(["--dsn", db, "--json", "validate"], env={"PYTHONPATH": args.compare_with}) \
+            if args.compare_with else None
     print(json.dumps({
         "server": f"PostgreSQL {version}", "rows_per_table": args.rows, "memories": memories,
         "migration_seconds": round(run.seconds, 1),
         "validate": {"seconds": round(tool.seconds, 2), "peak_rss_mb": round(tool.peak_rss_mb, 1),
                      "status": report["status"], "checks": report["counts"]},
         "baseline_plain_counts_seconds": round(baseline, 2),
+        "compared_checkout": {"src": args.compare_with, "seconds": round(other.seconds, 2),
+                              "status": json.loads(other.stdout)["status"]} if other else None,
     }, indent=2))
 
 

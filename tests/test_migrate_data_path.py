@@ -124,3 +124,23 @@ def test_a_view_with_repeated_keys_or_a_keyless_view_is_refused_by_name(unified:
     with pytest.raises(ShapeError, match="long_term_memory is a view"):
         migrate(unified, MigrationOptions(tables=("long_term_memory",)))
     assert unified.execute("SELECT count(*) FROM memories").fetchone() == (0,)
+
+
+def test_jobs_out_of_range_is_a_bad_option(unified: psycopg.Connection) -> None:
+    from unified_memory.errors import ConfigError
+
+    for jobs in (-1, 17):
+        with pytest.raises(ConfigError, match="--jobs"):
+            migrate(unified, MigrationOptions(jobs=jobs))
+
+
+def test_two_jobs_split_a_table_and_keep_the_precedence_of_shared_ids(unified: psycopg.Connection) -> None:
+    fixtures.create(unified, rows=3000)
+    run = migrate(unified, MigrationOptions(batch_size=250, jobs=2))
+    assert run.unaccounted == 0 and all(t.ranges == 2 for t in run.tables.values())
+    shared = unified.execute("SELECT count(*) FILTER (WHERE m.source_table = 'memory_items'), count(*) "
+                             "FROM memory_items i JOIN memories m ON m.id = i.id").fetchone()
+    dups = unified.execute("SELECT count(*) FROM memory_migration_quarantine WHERE reason = 'duplicate_id' "
+                           "AND source_table IN ('memory_entries', 'web_ui_memory_entries')").fetchone()
+    assert shared is not None and shared[0] == shared[1] > 0  # every id memory_items migrated is its own
+    assert dups == (6,)  # rows 1000, 2000, 3000 of both later tables carry a memory_items id

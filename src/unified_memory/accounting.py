@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
-from .mapping import LONG_TERM_ROW_QUARANTINE
+from .mapping import LONG_TERM_ROW_QUARANTINE, mapping_for
 
 
 @dataclass
@@ -57,33 +58,37 @@ class TableAccount:
 _ROW_REASONS = {r for r, _ in LONG_TERM_ROW_QUARANTINE} | {"rejected_by_database"}
 
 _OUTCOMES = sql.SQL(
-    "SELECT (SELECT count(*) FROM {table}), "
-    "(SELECT count(*) FROM memories WHERE source_table = %(t)s), "
+    "SELECT (SELECT count(*) FROM {table}) AS source_rows, "
+    "(SELECT count(*) FROM memories WHERE source_table = %(t)s) AS migrated, "
     "(SELECT coalesce(jsonb_object_agg(reason, n), '{{}}') FROM (SELECT reason, count(*) AS n "
-    " FROM memory_migration_quarantine WHERE source_table = %(t)s GROUP BY reason) q)"
+    " FROM memory_migration_quarantine WHERE source_table = %(t)s GROUP BY reason) q) AS reasons"
 )
 
 _LONG_TERM_ITEMS = sql.SQL(
-    "SELECT count(*), coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) "
-    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s) d "
+    "SELECT count(*) AS expanded_rows, "
+    "coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) AS items "
+    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s "
+    "OFFSET 0) d "  # OFFSET 0: one parse per row, not one per reference to doc
     "WHERE doc IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine q "
-    "WHERE q.source_table = 'long_term_memory' AND q.source_key = d.row_key) "
+    "WHERE q.source_table = %(t)s AND q.source_key = d.row_key) "
     "AND (jsonb_typeof(doc) IN ('array', 'object', 'string')) "
-    "AND (EXISTS (SELECT 1 FROM memories m WHERE m.source_table = 'long_term_memory' "
+    "AND (EXISTS (SELECT 1 FROM memories m WHERE m.source_table = %(t)s "
     "             AND m.source_key = d.row_key || '#0') "
-    "     OR EXISTS (SELECT 1 FROM memory_migration_quarantine q WHERE q.source_table = 'long_term_memory' "
+    "     OR EXISTS (SELECT 1 FROM memory_migration_quarantine q WHERE q.source_table = %(t)s "
     "             AND q.source_key = d.row_key || '#0'))"
 )
 
 
 def account(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
     """Outcome counts of ``table`` from memories and the quarantine."""
-    row = conn.execute(_OUTCOMES.format(table=sql.Identifier(table)), {"t": table}).fetchone()
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(_OUTCOMES.format(table=sql.Identifier(table)), {"t": table}).fetchone()
     assert row is not None
-    reasons: dict[str, int] = {k: int(v) for k, v in row[2].items()}
-    result = TableAccount(table, shape, int(row[0]), int(row[1]), reasons.pop("duplicate_id", 0), reasons)
-    if table == "long_term_memory":
-        expanded = conn.execute(_LONG_TERM_ITEMS.format(table=sql.Identifier(table))).fetchone()
+    reasons: dict[str, int] = {k: int(v) for k, v in row["reasons"].items()}
+    result = TableAccount(table, shape, int(row["source_rows"]), int(row["migrated"]), reasons.pop("duplicate_id", 0),
+                          reasons)
+    if mapping_for(table, shape).expands:
+        expanded = cur.execute(_LONG_TERM_ITEMS.format(table=sql.Identifier(table)), {"t": table}).fetchone()
         assert expanded is not None
-        result.expanded_rows, result.items = int(expanded[0]), int(expanded[1])
+        result.expanded_rows, result.items = int(expanded["expanded_rows"]), int(expanded["items"])
     return result

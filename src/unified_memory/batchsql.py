@@ -90,14 +90,15 @@ def _expires(m: TableMapping) -> sql.Composable:
 
 
 def _insert_memories(m: TableMapping, source: sql.Composable, *, conflict: bool = True) -> sql.Composed:
-    """``INSERT INTO memories`` of the source's good rows (``source`` binds ``s``), returning (id, source_key)."""
+    """``INSERT INTO memories`` of the source's good rows (``source`` binds ``s``), returning (id, source_key).
+    ``OFFSET 0`` keeps the mapped row a subquery: its columns are computed once, not again in ``expires_at``."""
     columns = m.column_sql()
     targets = sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
     exprs = sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in columns)
     return sql.SQL(
         "INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at) "
         "SELECT {targets}, {expires}, {table}, mapped.um_source_key, now() FROM "
-        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL) mapped "
+        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL OFFSET 0) mapped "
         "{conflict} RETURNING id, source_key"
     ).format(targets=targets, expires=_expires(m), table=sql.Literal(m.table), exprs=exprs, key=sql.SQL(m.key),
              source=source, reason=sql.SQL(m.reason_sql()),
@@ -183,10 +184,11 @@ def whole_table_load(m: TableMapping) -> sql.Composed:
         _insert_memories(m, source), _insert_vectors(m, source))
 
 
-def mapped_source(m: TableMapping) -> tuple[sql.Composable, sql.Composable]:
-    """(CTE prelude, FROM clause) over the whole source table, rows or items as ``s``: for reconciliation."""
+def mapped_source(m: TableMapping, where: sql.Composable | None = None) -> tuple[sql.Composable, sql.Composable]:
+    """(CTE prelude, FROM clause) over the source table, rows or items as ``s``: for reconciliation. ``where``
+    limits a ctid table's rows (others filter ``s`` themselves)."""
     if m.expands:
-        prelude, source, *_ = _long_term_prelude(m, sql.SQL("TRUE"))
+        prelude, source, *_ = _long_term_prelude(m, where or sql.SQL("TRUE"))
         return prelude, source
     return sql.SQL(""), sql.SQL("FROM {} s").format(sql.Identifier(m.table))
 

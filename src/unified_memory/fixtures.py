@@ -24,25 +24,25 @@ _WEB_UI_DDL = """
 CREATE TABLE {table} (
     id UUID PRIMARY KEY DEFAULT gen_random_uuid(), tenant_id TEXT NOT NULL, content TEXT NOT NULL, user_id UUID,
     ui_source TEXT NOT NULL, session_id TEXT, memory_type TEXT NOT NULL, tags JSONB NOT NULL DEFAULT '[]',
-    metadata JSONB NOT NULL DEFAULT '{}', ai_generated BOOLEAN NOT NULL DEFAULT false,
+    metadata JSONB NOT NULL DEFAULT '{{}}', ai_generated BOOLEAN NOT NULL DEFAULT false,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
 
 _I1_COLUMNS = """id UUID PRIMARY KEY, scope TEXT NOT NULL, kind TEXT NOT NULL, content TEXT NOT NULL,
-    embedding {vector}, metadata JSONB DEFAULT '{}', created_at TIMESTAMP DEFAULT now()"""
+    embedding {vector}, metadata JSONB DEFAULT '{{}}', created_at TIMESTAMP DEFAULT now()"""
 
 DDL: dict[tuple[str, str], str] = {
     ("long_term_memory", "L1"): "CREATE TABLE long_term_memory (user_id VARCHAR, memory_json TEXT)",
     ("memory_entries", "E1"): """
 CREATE TABLE memory_entries (
     id UUID PRIMARY KEY, vector_id VARCHAR(255) NOT NULL, user_id UUID NOT NULL, session_id VARCHAR(255),
-    content TEXT NOT NULL, query TEXT, result JSONB, embedding_id VARCHAR(255), memory_metadata JSONB DEFAULT '{}',
+    content TEXT NOT NULL, query TEXT, result JSONB, embedding_id VARCHAR(255), memory_metadata JSONB DEFAULT '{{}}',
     ttl TIMESTAMP, "timestamp" BIGINT DEFAULT 0, created_at TIMESTAMP DEFAULT now(), updated_at TIMESTAMP DEFAULT now(),
     ui_source VARCHAR(50), conversation_id UUID, memory_type VARCHAR(50) DEFAULT 'general',
-    tags TEXT[] DEFAULT '{}', importance_score INTEGER DEFAULT 5 CHECK (importance_score BETWEEN 1 AND 10),
+    tags TEXT[] DEFAULT '{{}}', importance_score INTEGER DEFAULT 5 CHECK (importance_score BETWEEN 1 AND 10),
     access_count INTEGER DEFAULT 0, last_accessed TIMESTAMP, ai_generated BOOLEAN DEFAULT false,
     user_confirmed BOOLEAN DEFAULT true)""",
-    ("memory_entries", "E2"): _WEB_UI_DDL.replace("{table}", "memory_entries"),
-    ("web_ui_memory_entries", "W1"): _WEB_UI_DDL.replace("{table}", "web_ui_memory_entries"),
+    ("memory_entries", "E2"): _WEB_UI_DDL,
+    ("web_ui_memory_entries", "W1"): _WEB_UI_DDL,
     ("memory_items", "I1"): "CREATE TABLE memory_items (" + _I1_COLUMNS + ")",
     ("memory_items", "I2"): "CREATE TABLE memory_items (" + _I1_COLUMNS + """,
     neuro_type VARCHAR(20), importance_score INT, access_count INT, last_accessed TIMESTAMPTZ, user_id UUID,
@@ -82,11 +82,11 @@ _FILL: dict[tuple[str, str], str] = {
 INSERT INTO long_term_memory (user_id, memory_json)
 SELECT CASE WHEN i % 53 = 0 THEN NULL ELSE md5('user' || (i % 50))::uuid::text END,
        CASE i % 50
-         WHEN 1 THEN '[]' WHEN 2 THEN '{}' WHEN 3 THEN 'null' WHEN 4 THEN '42' WHEN 5 THEN '"just a string"'
-         WHEN 6 THEN 'not json {' WHEN 7 THEN NULL
-         WHEN 8 THEN '[null, ["nested"], {"tags": ["no content"]}, {"content": "kept ' || i || '"}]'
+         WHEN 1 THEN '[]' WHEN 2 THEN '{{}}' WHEN 3 THEN 'null' WHEN 4 THEN '42' WHEN 5 THEN '"just a string"'
+         WHEN 6 THEN 'not json {{' WHEN 7 THEN NULL
+         WHEN 8 THEN '[null, ["nested"], {{"tags": ["no content"]}}, {{"content": "kept ' || i || '"}}]'
          ELSE '[' || string_agg_items || ']' END
-FROM generate_series(1, %(rows)s) AS i
+FROM generate_series(1, {rows}) AS i
 CROSS JOIN LATERAL (
     SELECT string_agg(CASE WHEN k = 2 THEN to_jsonb('plain string memory ' || i || '/' || k)::text
                            ELSE jsonb_build_object('content', 'long-term memory ' || i || '/' || k,
@@ -102,7 +102,7 @@ INSERT INTO memory_entries (id, vector_id, user_id, session_id, content, query, 
     access_count, last_accessed, ai_generated, user_confirmed)
 SELECT CASE WHEN i % 1000 = 0 THEN md5('mi' || i)::uuid ELSE md5('me' || i)::uuid END,
        'vec-' || (i % 100000), md5('user' || (i % 50))::uuid, 'session-' || (i % 300), 'memory entry ' || i,
-       CASE WHEN i % 3 = 0 THEN 'what about ' || i END, CASE WHEN i % 3 = 0 THEN '{"ok": true}'::jsonb END,
+       CASE WHEN i % 3 = 0 THEN 'what about ' || i END, CASE WHEN i % 3 = 0 THEN '{{"ok": true}}'::jsonb END,
        CASE WHEN i % 2 = 0 THEN 'emb-' || i END,
        CASE WHEN i % 41 = 0 THEN NULL ELSE jsonb_build_object('n', i) END,
        CASE WHEN i % 7 = 0 THEN timestamp '2024-06-01' + i * interval '1 minute' END,
@@ -114,7 +114,7 @@ SELECT CASE WHEN i % 1000 = 0 THEN md5('mi' || i)::uuid ELSE md5('me' || i)::uui
        CASE WHEN i % 9 = 0 THEN NULL ELSE ARRAY['tag' || (i % 5), 'entry'] END,
        CASE WHEN i % 13 = 0 THEN NULL ELSE 1 + i % 10 END, i % 20,
        CASE WHEN i % 20 > 0 THEN timestamp '2024-09-01' + (i % 60) * interval '1 hour' END, i % 2 = 0, i % 5 <> 0
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
     ("memory_entries", "E2"): """
 INSERT INTO memory_entries (id, tenant_id, content, user_id, ui_source, session_id, memory_type, tags, metadata,
     ai_generated, created_at)
@@ -124,7 +124,7 @@ SELECT md5('me' || i)::uuid, 'tenant-' || (i % 7), 'web-shaped memory entry ' ||
        (ARRAY['general', 'todo', 'episodic'])[1 + i % 3],
        CASE WHEN i % 11 = 0 THEN '"single"'::jsonb ELSE jsonb_build_array('t' || (i % 3)) END,
        jsonb_build_object('i', i), i % 2 = 0, timestamptz '2024-03-01 00:00+00' + (i % 400) * interval '1 day'
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
     ("web_ui_memory_entries", "W1"): """
 INSERT INTO web_ui_memory_entries (id, tenant_id, content, user_id, ui_source, session_id, memory_type, tags,
     metadata, ai_generated, created_at)
@@ -133,10 +133,10 @@ SELECT CASE WHEN i % 1000 = 0 THEN md5('mi' || i)::uuid ELSE md5('wu' || i)::uui
        CASE WHEN i % 17 = 0 THEN NULL ELSE md5('user' || (i % 50))::uuid END,
        (ARRAY['web', 'ag_ui', 'legacy', 'copilot', 'streamlit'])[1 + i % 5], 'session-' || (i % 300),
        (ARRAY['general', 'todo', 'episodic', 'fact'])[1 + i % 4],
-       CASE WHEN i % 11 = 0 THEN '{"not": "an array"}'::jsonb ELSE jsonb_build_array('w' || (i % 3), 'ui') END,
+       CASE WHEN i % 11 = 0 THEN '{{"not": "an array"}}'::jsonb ELSE jsonb_build_array('w' || (i % 3), 'ui') END,
        CASE WHEN i % 29 = 0 THEN '[1, 2]'::jsonb ELSE jsonb_build_object('i', i) END,
        i % 2 = 0, timestamptz '2024-03-01 00:00+00' + (i % 400) * interval '1 day'
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
     ("memory_items", "I1"): """
 INSERT INTO memory_items (id, scope, kind, content, embedding, metadata, created_at)
 SELECT md5('mi' || i)::uuid,
@@ -146,7 +146,7 @@ SELECT md5('mi' || i)::uuid,
        CASE WHEN i % 10 = 3 THEN array_fill(((i % 97) + 1) / 100.0, ARRAY[{dim}])::{vector} END,
        CASE WHEN i % 37 = 0 THEN '[1]'::jsonb ELSE jsonb_build_object('seq', i) END,
        timestamp '2024-01-01' + (i % 500) * interval '1 day'
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
     ("memory_items", "I2"): """
 INSERT INTO memory_items (id, scope, kind, content, embedding, metadata, created_at, neuro_type, importance_score,
     access_count, last_accessed, user_id, tenant_id, session_id, memory_type, ui_source, conversation_id, ai_generated,
@@ -165,7 +165,7 @@ SELECT md5('mi' || i)::uuid,
        'session-' || (i % 300), (ARRAY['fact', 'task', NULL])[1 + i % 3], (ARRAY['web', 'legacy', NULL])[1 + i % 3],
        CASE WHEN i % 4 = 0 THEN md5('conv' || (i % 900))::uuid END, i % 2 = 0, NULL,
        CASE WHEN i % 5 = 0 THEN NULL ELSE jsonb_build_array('item', 'k' || (i % 4)) END, NULL, 0, 1.0
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
     ("memory_items", "I3"): """
 INSERT INTO memory_items (memory_id, tenant_id, user_id, source, scope, kind, content, embeddings, metadata,
     created_at, updated_at, expires_at)
@@ -176,7 +176,7 @@ SELECT 'mem-' || i, CASE WHEN i % 4 = 0 THEN 'tenant-' || (i % 7) END,
        CASE WHEN i % 10 = 3 THEN array_fill(((i % 97) + 1) / 100.0, ARRAY[{dim}])::{vector} END,
        jsonb_build_object('seq', i), timestamp '2024-01-01' + (i % 500) * interval '1 day', NULL,
        CASE WHEN i % 8 = 0 THEN timestamp '2030-01-01' END
-FROM generate_series(1, %(rows)s) AS i""",
+FROM generate_series(1, {rows}) AS i""",
 }
 
 
@@ -221,12 +221,13 @@ def create(conn: psycopg.Connection, *, rows: int, shapes: dict[str, str] | None
         for table, shape in chosen.items():
             if replace:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(sql.Identifier(table)))
-            conn.execute(DDL[(table, shape)].replace("{vector}", vtype).encode())
+            names = {"table": sql.Identifier(table), "vector": sql.SQL(vtype), "dim": sql.Literal(VECTOR_DIM),
+                     "rows": sql.Literal(int(rows))}  # vtype is one of vector_type()'s two constants
+            conn.execute(sql.SQL(DDL[(table, shape)]).format(**names))
             if table == "memory_items" and shape == "I2" and _before_unified_schema(conn):
                 conn.execute(I2_CONFLICTING_OBJECTS.encode())
             if rows:
-                fill = _FILL[(table, shape)].replace("{vector}", vtype).replace("{dim}", str(VECTOR_DIM))
-                conn.execute(fill.replace("%(rows)s", str(int(rows))).encode())
+                conn.execute(sql.SQL(_FILL[(table, shape)]).format(**names))
             result.rows[table] = rows
         conn.execute("ANALYZE")
     result.seconds = time.monotonic() - started

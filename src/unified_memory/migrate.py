@@ -227,7 +227,7 @@ def _migrate_table(conn: psycopg.Connection, workers: Workers, m: TableMapping, 
     log.info("table=%s shape=%s pending=%d ranges=%d anti_join=%s", m.table, m.shape, tr.pending_before,
              len(plan), any(r.anti_join for r in plan))
     done = _Done(m.table, tr, started, progress)
-    results = workers.map(lambda c, r: _migrate_range(c, m, r, run, opts, done), todo)
+    results = workers.map(lambda c, r: _migrate_range(c, m, r, run, opts, done, workers.stop), todo)
     for result in results:
         tr.add(result)
     with run.phases.timed("checkpoint"), conn.transaction():
@@ -252,8 +252,9 @@ class _Done:
 
 
 def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, run: MigrationRun,
-                   opts: MigrationOptions, done: _Done) -> TableRun:
-    """One key range, batch after batch; each batch commits its outcomes and the range's checkpoint."""
+                   opts: MigrationOptions, done: _Done, stop: threading.Event) -> TableRun:
+    """One key range, batch after batch; each batch commits its outcomes and the range's checkpoint. Stops
+    between batches when another range failed (``stop``): its checkpoint says where to resume."""
     tr = TableRun(m.shape)
     params: dict[str, object] = {"tz": opts.source_timezone, "expiry": opts.expiry, "run_id": run.run_id,
                                  "limit": opts.batch_size, "max_bytes": opts.max_batch_bytes}
@@ -261,7 +262,7 @@ def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, 
     if rg.anti_join:
         with phases.timed("statistics"):
             _refresh_statistics(conn)
-    while True:
+    while not stop.is_set():
         with phases.timed("find_batch"):
             upper, count = _next_upper(conn, m, rg, after, params)
         if upper is None:
@@ -284,6 +285,8 @@ def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, 
                  tr.migrated)
         if opts.pause_ms:
             time.sleep(opts.pause_ms / 1000)
+    if stop.is_set():
+        return tr  # not completed: the failure that set ``stop`` is raised by its own worker
     with phases.timed("checkpoint"), conn.transaction():
         ranges.complete(conn, m, rg, after)
     return tr
@@ -388,11 +391,12 @@ def rebuild_deferred_indexes(conn: psycopg.Connection, workers: Workers | None =
         "SELECT index_name, definition FROM memory_migration_deferred_indexes "
         "ORDER BY definition LIKE '%% USING gin %%' DESC, index_name").fetchall()
     builders = min(workers.n if workers else 1, max(len(rows), 1))
-    helpers = max(0, server_cores(conn) // builders - 1)
+    helpers = str(max(0, server_cores(conn) // builders - 1)) if builders > 1 else None  # one builder: the server's
 
     def build(c: psycopg.Connection, index: dict[str, str]) -> None:
         c.execute("SELECT set_config('maintenance_work_mem', '256MB', false), "
-                  "set_config('max_parallel_maintenance_workers', %s, false)", [str(helpers)])
+                  "set_config('max_parallel_maintenance_workers', "
+                  "coalesce(%s, current_setting('max_parallel_maintenance_workers')), false)", [helpers])
         with c.transaction():
             # the definition is pg_get_indexdef() output saved by _defer_indexes, not user input
             c.execute(_if_not_exists(index["definition"]))
@@ -420,10 +424,9 @@ def _open_ledger(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOpt
     with conn.transaction():
         conn.execute("UPDATE memory_migration_runs SET status = 'interrupted', finished_at = now() "
                      "WHERE status = 'running'")  # we hold the lock: a 'running' row is a dead run
-        row = conn.execute("INSERT INTO memory_migration_runs (options, shapes) VALUES (%s, %s) RETURNING run_id",
-                           [json.dumps(opts.to_dict()), json.dumps(run.shapes)]).fetchone()
-    assert row is not None
-    return int(row[0])
+        run_id = scalar(conn, "INSERT INTO memory_migration_runs (options, shapes) VALUES (%s, %s) RETURNING run_id",
+                        [json.dumps(opts.to_dict()), json.dumps(run.shapes)])
+    return int(run_id)
 
 
 def _close_ledger(conn: psycopg.Connection, run: MigrationRun, status: str, error: str | None) -> None:

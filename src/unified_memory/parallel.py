@@ -82,6 +82,7 @@ class Workers:
         self.conn, self.n = conn, n
         self._stack = ExitStack()
         self._conns: list[psycopg.Connection] = []
+        self.stop = threading.Event()  # set when one task failed or the caller was interrupted
 
     def __enter__(self) -> Workers:
         return self
@@ -106,7 +107,7 @@ class Workers:
         conns = self.connections()[: min(self.n, len(items))]
         queue = list(enumerate(items))
         results: dict[int, R] = {}
-        lock, failed = threading.Lock(), threading.Event()
+        lock, failed = threading.Lock(), self.stop
 
         def drain(worker: psycopg.Connection) -> None:
             while not failed.is_set():
@@ -122,7 +123,11 @@ class Workers:
 
         with ThreadPoolExecutor(max_workers=len(conns), thread_name_prefix="unified-memory") as pool:
             futures = [pool.submit(drain, c) for c in conns]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # KeyboardInterrupt: the workers stop after their current batch
+                failed.set()
+                raise
             for future in futures:
                 future.result()
         return [results[i] for i in range(len(items))]

@@ -91,8 +91,7 @@ def plan(conn: psycopg.Connection, m: TableMapping, *, jobs: int, pending_rows: 
         return _save(conn, m, [Range(m.table, 0, m.shape, lower, None, None, not m.expands, False)], run_id)
     anti_join = not m.expands and _has_outcomes(conn, m)
     n = max(1, min(jobs, pending_rows // max(batch_size, 1)))
-    bounds = _bounds(conn, m, n) if n > 1 and not anti_join else []
-    cuts: list[str | None] = [None, *bounds, None]
+    cuts: list[str | None] = [None, *(bounds(conn, m, n) if n > 1 and not anti_join else []), None]
     made = [Range(m.table, i, m.shape, cuts[i], cuts[i + 1], None, anti_join, False) for i in range(len(cuts) - 1)]
     return _save(conn, m, made, run_id)
 
@@ -102,7 +101,7 @@ def _has_outcomes(conn: psycopg.Connection, m: TableMapping) -> bool:
                              "(SELECT 1 FROM memory_migration_quarantine WHERE source_table = %(t)s)", {"t": m.table}))
 
 
-def _bounds(conn: psycopg.Connection, m: TableMapping, n: int) -> list[str | None]:
+def bounds(conn: psycopg.Connection, m: TableMapping, n: int) -> list[str | None]:
     """``n - 1`` keys cutting the table into ``n`` ranges of about equal rows (pages for ctid tables)."""
     if m.expands:
         pages = int(scalar(conn, "SELECT pg_relation_size(to_regclass(%s)) / current_setting('block_size')::int",

@@ -13,11 +13,14 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
+from . import ranges
 from .accounting import account
-from .batchsql import mapped_source
+from .batchsql import mapped_source, range_predicate
 from .db import scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
+from .parallel import Workers
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
 _CREATED_AT_DST = "CASE WHEN m.meta -> 'legacy' ? 'created_at_missing' THEN NULL ELSE m.created_at END"
@@ -69,43 +72,69 @@ def _memory_hash(m: TableMapping) -> sql.Composable:
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(cols))
 
 
-def _pairs(m: TableMapping) -> sql.Composed:
-    """CTEs ``src`` and ``dst``: (source_key, tenant, h) for every migrated row, on each side."""
-    prelude, source = mapped_source(m)
+def _pairs(m: TableMapping, sliced: bool = False) -> sql.Composed:
+    """CTEs ``src`` and ``dst``: (source_key, tenant, h) for every migrated row, on each side; with ``sliced``,
+    the source rows in key range ``(%(after)s, %(upper)s]`` and the memories whose key hashes to ``%(slice)s``
+    of ``%(slices)s``."""
+    prelude, source = mapped_source(m, range_predicate(m) if sliced else None)
+    own_range = sql.SQL(" AND {}").format(range_predicate(m)) if sliced and not m.expands else sql.SQL("")
+    dst_slice = sql.SQL(" AND (hashtext(m.source_key) & 2147483647) %% %(slices)s = %(slice)s") if sliced \
+        else sql.SQL("")
     return sql.SQL("""WITH {prelude}
 src AS (
     SELECT {key} AS source_key, ({owner})::text AS tenant, {src_hash} AS h {source}
-    WHERE {reason} IS NULL
+    WHERE {reason} IS NULL{own_range}
       AND EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = {key})
 ),
 dst AS (
-    SELECT m.source_key, m.user_id::text AS tenant, {dst_hash} AS h FROM memories m WHERE m.source_table = {table}
+    SELECT m.source_key, m.user_id::text AS tenant, {dst_hash} AS h FROM memories m
+    WHERE m.source_table = {table}{dst_slice}
 )""").format(prelude=prelude, key=sql.SQL(m.key), owner=sql.SQL(m.columns["user_id"].sql()),
-             src_hash=_source_hash(m), source=source, reason=sql.SQL(m.reason_sql()),
-             table=sql.Literal(m.table), dst_hash=_memory_hash(m))
+             src_hash=_source_hash(m), source=source, reason=sql.SQL(m.reason_sql()), own_range=own_range,
+             table=sql.Literal(m.table), dst_hash=_memory_hash(m), dst_slice=dst_slice)
+
+
+_SUMS = """{pairs}
+SELECT 'src' AS side, tenant, count(*) AS n, sum({slice}) AS total FROM src GROUP BY tenant
+UNION ALL SELECT 'dst', tenant, count(*), sum({slice}) FROM dst GROUP BY tenant"""
+
+
+def _slice_sums(conn: psycopg.Connection, m: TableMapping, params: dict[str, Any]) -> list[dict[str, Any]]:
+    query = sql.SQL(_SUMS).format(pairs=_pairs(m, sliced=True), slice=sql.SQL(_SLICE))
+    return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
 
 
 def content(conn: psycopg.Connection, table: str, shape: str, *, source_timezone: str = "UTC",
-            key_limit: int = 20) -> ContentDiff:
-    """Compare the mapped columns of ``table``'s migrated rows with their memories, per tenant."""
+            key_limit: int = 20, workers: Workers | None = None) -> ContentDiff:
+    """Compare the mapped columns of ``table``'s migrated rows with their memories, per tenant.
+
+    The per-tenant counts and checksums are sums, so the table is cut into slices (key ranges of the source,
+    key hashes of the memories) computed on ``workers``' parallel connections and added up here."""
     m = mapping_for(table, shape)
-    params = {"tz": source_timezone}
-    per_tenant = sql.SQL("""{pairs}
-SELECT coalesce(s.tenant, d.tenant), coalesce(s.n, 0), s.sum, coalesce(d.n, 0), d.sum FROM
-    (SELECT tenant, count(*) AS n, sum({slice}) AS sum FROM src GROUP BY tenant) s
-    FULL JOIN (SELECT tenant, count(*) AS n, sum({slice}) AS sum FROM dst GROUP BY tenant) d USING (tenant)
-""").format(pairs=_pairs(m), slice=sql.SQL(_SLICE))
+    n = workers.n if workers is not None else 1
+    cuts: list[str | None] = [None, *(ranges.bounds(conn, m, n) if n > 1 else []), None]
+    slices = [{"tz": source_timezone, "after": cuts[i], "upper": cuts[i + 1], "slice": i, "slices": len(cuts) - 1}
+              for i in range(len(cuts) - 1)]
+    parts = workers.map(lambda c, p: _slice_sums(c, m, p), slices) if workers is not None else \
+        [_slice_sums(conn, m, p) for p in slices]
+    totals: dict[tuple[str, str], list[Any]] = {}
+    for row in (r for part in parts for r in part):
+        acc = totals.setdefault((row["side"], row["tenant"]), [0, 0])
+        acc[0] += int(row["n"])
+        acc[1] += row["total"] or 0
     diff = ContentDiff(table)
-    for tenant, src_n, src_sum, dst_n, dst_sum in conn.execute(per_tenant, params):
+    for tenant in sorted({t for _, t in totals}, key=str):
+        src, dst = totals.get(("src", tenant), [0, 0]), totals.get(("dst", tenant), [0, 0])
         diff.tenants += 1
-        diff.compared_rows += int(dst_n)
-        if (src_n, src_sum) != (dst_n, dst_sum):
+        diff.compared_rows += dst[0]
+        if src != dst:
             diff.differing_tenants.append(str(tenant))
     if diff.differing_tenants:
-        keys = sql.SQL("{pairs} SELECT coalesce(s.source_key, d.source_key) FROM src s FULL JOIN dst d "
+        keys = sql.SQL("{pairs} SELECT coalesce(s.source_key, d.source_key) AS key FROM src s FULL JOIN dst d "
                        "USING (source_key) WHERE s.h IS DISTINCT FROM d.h ORDER BY 1 LIMIT {n}").format(
             pairs=_pairs(m), n=sql.Literal(key_limit))
-        diff.differing_keys = [str(r[0]) for r in conn.execute(keys, params)]
+        rows = conn.cursor(row_factory=dict_row).execute(keys, {"tz": source_timezone})
+        diff.differing_keys = [str(r["key"]) for r in rows]
     return diff
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .db import scalar
 from .errors import ShapeError
 from .mapping import mapping_for
 
@@ -112,19 +113,19 @@ def check_relation(conn: psycopg.Connection, found: Detected) -> None:
     Raises:
         ShapeError: the relation has no ctid (long_term_memory is keyed by it), or NULL or repeated keys.
     """
-    kind = conn.execute(
-        "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = current_schema() AND c.relname = %s", [found.table]).fetchone()
-    if kind is None or kind[0] == "r":
+    kind = scalar(
+        conn, "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = current_schema() AND c.relname = %s", [found.table])
+    if kind is None or kind == "r":
         return
-    what = _KINDS.get(kind[0], f"relation of kind {kind[0]!r}")
+    what = _KINDS.get(kind, f"relation of kind {kind!r}")
     m = mapping_for(found.table, found.shape)
     if m.order_type == "tid":
         raise ShapeError(f"{found.table} is a {what}: its rows are keyed by their ctid, which a {what} does not "
                          "give uniquely; copy it into a plain table (CREATE TABLE ... AS SELECT) and run again")
-    bad = conn.execute(sql.SQL("SELECT count(*) FROM (SELECT {k} FROM {t} s GROUP BY {k} "
+    bad = scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT {k} FROM {t} s GROUP BY {k} "
                                "HAVING {k} IS NULL OR count(*) > 1) d").format(
-        k=sql.SQL(m.order), t=sql.Identifier(found.table))).fetchone()
-    if bad and bad[0]:
-        raise ShapeError(f"{found.table} is a {what} with {bad[0]} NULL or repeated keys ({m.order[2:]}): "
+        k=sql.SQL(m.order), t=sql.Identifier(found.table)))
+    if bad:
+        raise ShapeError(f"{found.table} is a {what} with {bad} NULL or repeated keys ({m.order[2:]}): "
                          "its rows cannot each be given one outcome; fix the keys or copy it into a table")

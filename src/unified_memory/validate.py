@@ -25,6 +25,7 @@ from .checks import FAIL, PASS, WARN, Check
 from .db import maintenance, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
+from .parallel import Workers, default_jobs
 from .shapes import LEGACY_TABLES, detect
 
 __all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
@@ -282,33 +283,43 @@ def integrity_checks(conn: psycopg.Connection) -> list[Check]:
 
 # ------------------------------------------------------------------------------------------- reconciliation
 def reconciliation_checks(conn: psycopg.Connection, manifest: BackupManifest | None) -> list[Check]:
-    """Per legacy table: every source row has one outcome, and migrated content equals the mapped source."""
-    tz = scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
-                       "WHERE status = 'succeeded' ORDER BY run_id DESC LIMIT 1), 'UTC')")
-    checks = []
-    for table in LEGACY_TABLES:
-        try:
-            found = detect(conn, table)
-        except ShapeError as exc:
-            checks.append(Check(f"reconciliation.counts.{table}", FAIL, str(exc)))
-            continue
-        if found is None:
-            checks.append(_without_source(conn, table, manifest))
-            continue
-        account = reconcile.counts(conn, table, found.shape)
-        left = int(account["unaccounted"])
-        message = (f"{account['source_rows']} source rows = {account['migrated']} migrated + {account['duplicates']}"
-                   f" duplicates + {account['quarantined']} quarantined")
-        checks.append(Check(f"reconciliation.counts.{table}", PASS if left == 0 else FAIL,
-                            message if left == 0 else f"{left} source rows (or items) have no outcome "
-                                                      f"or more than one; {message}", account))
-        diff = reconcile.content(conn, table, found.shape, source_timezone=tz)
-        checks.append(Check(
-            f"reconciliation.content.{table}", PASS if diff.equal else FAIL,
-            f"mapped content equal for {diff.compared_rows} memories of {diff.tenants} tenants" if diff.equal else
-            f"content differs for {len(diff.differing_tenants)} tenants; keys: {', '.join(diff.differing_keys[:5])}",
-            diff.to_dict()))
+    """Per legacy table: every source row has one outcome, and migrated content equals the mapped source.
+    Counts run per table, content per slice of each table, on parallel connections (``parallel.default_jobs``)."""
+    tz = str(scalar(conn, "SELECT coalesce((SELECT options ->> 'source_timezone' FROM memory_migration_runs "
+                           "WHERE status = 'succeeded' ORDER BY run_id DESC LIMIT 1), 'UTC')"))
+    with Workers(conn, default_jobs(conn)) as workers:
+        counted = workers.map(lambda c, t: _count_table(c, t, manifest), list(LEGACY_TABLES))
+        checks = []
+        for table, (count_check, shape) in zip(LEGACY_TABLES, counted, strict=True):
+            checks.append(count_check)
+            if shape is not None:
+                checks.append(_content_check(conn, table, shape, tz, workers))
     return checks
+
+
+def _count_table(conn: psycopg.Connection, table: str, manifest: BackupManifest | None) -> tuple[Check, str | None]:
+    try:
+        found = detect(conn, table)
+    except ShapeError as exc:
+        return Check(f"reconciliation.counts.{table}", FAIL, str(exc)), None
+    if found is None:
+        return _without_source(conn, table, manifest), None
+    account = reconcile.counts(conn, table, found.shape)
+    left = int(account["unaccounted"])
+    message = (f"{account['source_rows']} source rows = {account['migrated']} migrated + {account['duplicates']}"
+               f" duplicates + {account['quarantined']} quarantined")
+    return Check(f"reconciliation.counts.{table}", PASS if left == 0 else FAIL,
+                 message if left == 0 else f"{left} source rows (or items) have no outcome "
+                                           f"or more than one; {message}", account), found.shape
+
+
+def _content_check(conn: psycopg.Connection, table: str, shape: str, tz: str, workers: Workers) -> Check:
+    diff = reconcile.content(conn, table, shape, source_timezone=tz, workers=workers)
+    return Check(
+        f"reconciliation.content.{table}", PASS if diff.equal else FAIL,
+        f"mapped content equal for {diff.compared_rows} memories of {diff.tenants} tenants" if diff.equal else
+        f"content differs for {len(diff.differing_tenants)} tenants; keys: {', '.join(diff.differing_keys[:5])}",
+        diff.to_dict())
 
 
 def _without_source(conn: psycopg.Connection, table: str, manifest: BackupManifest | None) -> Check:
