@@ -16,7 +16,8 @@ from unified_memory.migrate import MigrationOptions, migrate
 
 # PostgreSQL text holds no NUL byte and psycopg sends no lone surrogate: those arrive as JSON escapes instead.
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+FINITE = st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or Infinity (they arrive as text below)
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | FINITE | TEXT,
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                            max_leaves=12)
 ITEM = st.fixed_dictionaries({"content": TEXT | st.none() | st.integers()},
