@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from unified_memory import adopt, fixtures, schema
 from unified_memory.cli import app
+from unified_memory.errors import SchemaError
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.validate import validate
 
@@ -177,3 +178,28 @@ def test_the_whole_guide_works_on_an_adopted_database(conn: psycopg.Connection, 
     assert again.exit_code == 0, again.output
     down = runner.invoke(app, ["--dsn", dsn, "schema", "down", "--steps", "20", "--force"])
     assert down.exit_code == 0 and "(adoption undone)" in down.output, down.output
+
+
+def test_recognised_by_shape_after_its_cleanup_migration_and_an_unknown_table_still_refused(
+        conn: psycopg.Connection, new_database: Any) -> None:
+    build_first_implementation(conn, "without_streamlit")
+    for statement in ("DROP TRIGGER update_memories_updated_at ON memories",
+                      "DROP TRIGGER set_memory_defaults_trigger ON memories",
+                      "DROP INDEX idx_memory_access_log_user, idx_memory_access_log_type",
+                      "DROP INDEX idx_memory_relationships_type",
+                      "ALTER TABLE memories DROP CONSTRAINT memories_ui_source_check"):
+        conn.execute(statement.encode())
+    found_shape, found_rows = shape(conn), rows(conn, "memories")
+    assert schema.status(conn).adoptable == "no_ui_source_check"
+    assert schema.up(conn).adoption is not None
+    assert [c.name for c in validate(conn).failed() if c.name.startswith("schema.")] == []
+    schema.down(conn, steps=20)
+    assert shape(conn) == found_shape
+    after = rows(conn, "memories")
+    assert all(after[k] == v for k, v in found_rows.items())
+
+    with psycopg.connect(new_database(), autocommit=True) as other:
+        other.execute("CREATE TABLE memories (id uuid PRIMARY KEY, body text)")
+        assert schema.status(other).adoptable is None
+        with pytest.raises(SchemaError, match="not created by 016"):
+            schema.up(other)

@@ -35,7 +35,7 @@ from .mapping import MEMORY_TYPES, NEURO_TYPES, PRECEDENCE, UI_SOURCES, TableMap
 from .shapes import detect as detect_shape
 from .shapes import table_columns
 
-Variant = Literal["with_streamlit", "without_streamlit"]
+Variant = Literal["with_streamlit", "without_streamlit", "no_ui_source_check"]
 
 TABLES = ("memories", "memory_access_log", "memory_relationships")
 FUNCTIONS = ("calculate_decay_score", "calculate_expires_at", "update_memory_access", "create_memory_relationship",
@@ -109,13 +109,10 @@ def detect(conn: psycopg.Connection) -> Found | None:
         "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
         "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memories' AND k.contype = 'c'")]
     ui = [d for d in checks if "ui_source" in d and all(v in d for v in _UI_CORE)]
-    cascades = conn.execute(
-        "SELECT 1 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_class r ON r.oid = k.confrelid "
-        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memory_access_log' "
-        "AND r.relname = 'memories' AND k.contype = 'f'").fetchone()
-    if not ui or cascades is None:
-        return None
     rows = {t: int(_count(conn, t)) for t in TABLES}
+    # the columns decide; the ui_source CHECK (with or without 'streamlit') names the variant, if it is still there
+    if not ui:
+        return Found("no_ui_source_check", rows)
     return Found("with_streamlit" if "'streamlit'" in ui[0] else "without_streamlit", rows)
 
 
