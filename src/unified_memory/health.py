@@ -13,6 +13,7 @@ import psycopg
 
 from .db import maintenance, relation_exists, scalar
 from .errors import SchemaError
+from .live import lag
 
 RECORD_COUNTS = ("SELECT COUNT(*) AS total_memories, COUNT(DISTINCT user_id) AS unique_users, "
                  "COUNT(DISTINCT org_id) AS unique_orgs FROM memories")
@@ -37,6 +38,7 @@ class Health:
     top_tenants: list[list[Any]] = field(default_factory=list)
     last_run: dict[str, Any] | None = None
     quarantined: int = 0
+    live: dict[str, Any] = field(default_factory=dict)  # change capture: waiting, oldest, conflicts
     seconds: float = 0.0
 
     @property
@@ -47,7 +49,7 @@ class Health:
     def to_dict(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "counts": self.counts, "quality": self.quality,
                 "top_tenants": self.top_tenants, "last_run": self.last_run, "quarantined": self.quarantined,
-                "seconds": round(self.seconds, 3)}
+                "live": self.live, "seconds": round(self.seconds, 3)}
 
 
 def health(conn: psycopg.Connection) -> Health:
@@ -70,6 +72,7 @@ def health(conn: psycopg.Connection) -> Health:
             if row:
                 result.last_run = dict(zip(("run_id", "status", "started_at", "finished_at"), row, strict=True))
             result.quarantined = int(scalar(conn, QUARANTINE))
+        result.live = lag(conn).to_dict()
     result.seconds = time.monotonic() - started
     return result
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import batchsql
+from . import batchsql, live
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, LockBusy, MigrationError, SchemaError, translate
@@ -43,11 +43,12 @@ class MigrationOptions:
     pause_ms: int = 0
     dry_run: bool = False
     defer_indexes: bool = True
+    lock_timeout_ms: int = 2000  # starting change capture waits at most this long for the application's locks
 
     def to_dict(self) -> dict[str, object]:
         return {"batch_size": self.batch_size, "max_batch_bytes": self.max_batch_bytes, "tables": list(self.tables),
                 "source_timezone": self.source_timezone, "expiry": self.expiry, "pause_ms": self.pause_ms,
-                "dry_run": self.dry_run}
+                "dry_run": self.dry_run, "lock_timeout_ms": self.lock_timeout_ms}
 
 
 @dataclass
@@ -77,6 +78,7 @@ class MigrationRun:
     rebuilt_indexes: int = 0
     seconds: float = 0.0
     options: dict[str, object] = field(default_factory=dict)
+    catch_up: live.CatchUp | None = None  # the application's changes applied at the end (live.py)
 
     @property
     def unaccounted(self) -> int:
@@ -89,6 +91,7 @@ class MigrationRun:
             "tables": {t: {**self.accounts[t].to_dict(), "this_run": _run_dict(r)} if t in self.accounts
                        else {"this_run": _run_dict(r)} for t, r in self.tables.items()},
             "unaccounted": self.unaccounted,
+            "catch_up": self.catch_up.to_dict() if self.catch_up else None,
         }
 
 
@@ -125,9 +128,12 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
         present = {t: d for t, d in detected.items() if d is not None}
         for table, found in detected.items():
             log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+        if not opts.dry_run:
+            # before anything is read: every later write of the application is captured
+            live.start_capture(conn, present, lock_timeout_ms=opts.lock_timeout_ms)
         pending = {t: _pending(conn, mapping_for(t, d.shape)) for t, d in present.items()}
         deferred_left = _deferred_count(conn)
-        if not opts.dry_run and not any(pending.values()) and not deferred_left:
+        if not opts.dry_run and not any(pending.values()) and not deferred_left and not live.lag(conn).waiting:
             run.status = "nothing_to_do"
             run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
             run.seconds = time.monotonic() - started
@@ -155,6 +161,8 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         _migrate_tables(conn, run, present, pending, opts, progress)
         run.rebuilt_indexes = rebuild_deferred_indexes(conn)
         conn.execute("ANALYZE memories")
+        run.catch_up = live.catch_up(conn, live.Settings(opts.source_timezone, opts.expiry, pause_ms=opts.pause_ms,
+                                                         run_id=run.run_id))
         run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:

@@ -20,6 +20,11 @@ from .db import scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
+# Memories compared with their source: live, and not changed by the application since the migration wrote them
+# (memory_migration_synced, 020): a soft-deleted memory of a row the application deleted has no source row,
+# and an edit made in the unified store is the application's, not a migration error.
+_IN_SYNC = ("{m}.deleted_at IS NULL AND {m}.version <= coalesce((SELECT s.version FROM memory_migration_synced s "
+            "WHERE s.memory_id = {m}.id), 1)")
 _CREATED_AT_DST = "CASE WHEN m.meta -> 'legacy' ? 'created_at_missing' THEN NULL ELSE m.created_at END"
 
 
@@ -48,7 +53,8 @@ def counts(conn: psycopg.Connection, table: str, shape: str) -> dict[str, Any]:
 
 
 def _compared_columns(m: TableMapping) -> list[str]:
-    return [c for c in RECONCILED if c in m.columns or c == "meta"]
+    # long_term_memory ids derive from the ctid key; one reused by a later row gets a suffix (live.py)
+    return [c for c in RECONCILED if (c in m.columns or c == "meta") and not (m.expands and c == "id")]
 
 
 def _source_hash(m: TableMapping) -> sql.Composable:
@@ -69,6 +75,10 @@ def _memory_hash(m: TableMapping) -> sql.Composable:
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(cols))
 
 
+def _in_sync(alias: str) -> sql.Composed:
+    return sql.SQL(_IN_SYNC).format(m=sql.Identifier(alias))
+
+
 def _pairs(m: TableMapping) -> sql.Composed:
     """CTEs ``src`` and ``dst``: (source_key, tenant, h) for every migrated row, on each side."""
     prelude, source = mapped_source(m)
@@ -76,11 +86,13 @@ def _pairs(m: TableMapping) -> sql.Composed:
 src AS (
     SELECT {key} AS source_key, ({owner})::text AS tenant, {src_hash} AS h {source}
     WHERE {reason} IS NULL
-      AND EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = {key})
+      AND EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = {key} AND {x_in_sync})
 ),
 dst AS (
-    SELECT m.source_key, m.user_id::text AS tenant, {dst_hash} AS h FROM memories m WHERE m.source_table = {table}
-)""").format(prelude=prelude, key=sql.SQL(m.key), owner=sql.SQL(m.columns["user_id"].sql()),
+    SELECT m.source_key, m.user_id::text AS tenant, {dst_hash} AS h FROM memories m
+    WHERE m.source_table = {table} AND {m_in_sync}
+)""").format(x_in_sync=_in_sync("x"), m_in_sync=_in_sync("m"),
+             prelude=prelude, key=sql.SQL(m.key), owner=sql.SQL(m.columns["user_id"].sql()),
              src_hash=_source_hash(m), source=source, reason=sql.SQL(m.reason_sql()),
              table=sql.Literal(m.table), dst_hash=_memory_hash(m))
 
