@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psycopg
+import pytest
 from livewriter import Writer, checksums, exactness_problems
 
 from unified_memory import fixtures, live
 from unified_memory.backup import backup
+from unified_memory.cutover import CleanupRefused, cleanup, cutover
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.rollback import rollback
 
@@ -43,3 +46,62 @@ def test_changes_during_migrate_reach_memories_exactly_then_rollback_keeps_the_a
     assert unified.execute("SELECT count(*) FROM memories WHERE source_table IS NOT NULL").fetchone() == (0,)
     assert live.lag(unified).capturing == () and unified.execute(
         "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'memory_migration%'").fetchone() == (0,)
+
+
+def test_cutover_makes_legacy_read_only_then_cleanup_and_a_rollback_of_its_backup(
+        dsn: str, unified: psycopg.Connection, tmp_path: Path) -> None:
+    fixtures.create(unified, rows=600)
+    writer = Writer(dsn, rate=200, seed=3)
+    writer.start()
+    try:
+        migrate(unified, MigrationOptions(batch_size=100, pause_ms=10))
+        migrate(unified, MigrationOptions(batch_size=100))
+        result = cutover(unified)
+        time.sleep(0.3)
+    finally:
+        writer.stop()
+    assert result.tables and set(result.tables) == set(checksums(unified))
+    assert writer.errors and {e.split()[0] for e in writer.errors} == {"25006"}, writer.errors[:3]
+    assert exactness_problems(unified) == {}
+    assert live.lag(unified) == live.Lag(0, None, 0, (), tuple(sorted(result.tables)))
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        unified.execute("DELETE FROM memory_entries")
+    at_cutover = checksums(unified)
+    final = tmp_path / "final.umbk"
+    with pytest.raises(CleanupRefused, match="--yes"):
+        cleanup(unified, final)
+    unified.execute("CREATE VIEW app_view AS SELECT id FROM memory_items")
+    with pytest.raises(CleanupRefused, match="app_view"):
+        cleanup(unified, final, yes=True)
+    unified.execute("DROP VIEW app_view")
+    done = cleanup(unified, final, yes=True)
+    assert set(done.tables) == set(at_cutover) and checksums(unified) == {}
+    restored = rollback(unified, final, yes=True)
+    assert {r.action for r in restored.tables.values()} == {"restored"}
+    assert checksums(unified) == at_cutover
+    assert unified.execute("SELECT count(*) FROM memories WHERE source_table IS NOT NULL").fetchone() == (0,)
+    unified.execute("DELETE FROM memory_entries")  # the restored tables are writable again
+
+
+def test_cleanup_refuses_before_cutover(unified: psycopg.Connection, tmp_path: Path) -> None:
+    fixtures.create(unified, rows=50)
+    migrate(unified)
+    with pytest.raises(CleanupRefused, match="not cut over"):
+        cleanup(unified, tmp_path / "final.umbk", yes=True)
+    assert not (tmp_path / "final.umbk").exists()
+
+
+def test_a_memory_changed_in_the_unified_store_is_never_overwritten(unified: psycopg.Connection) -> None:
+    fixtures.create(unified, rows=50)
+    migrate(unified)
+    key = unified.execute("SELECT id::text FROM memory_entries ORDER BY id LIMIT 1").fetchone()
+    assert key is not None
+    unified.execute("UPDATE memories SET text = 'the app edited this' WHERE source_table = 'memory_entries' "
+                    "AND source_key = %s", key)
+    unified.execute("UPDATE memory_entries SET content = 'an older legacy edit' WHERE id::text = %s", key)
+    run = migrate(unified)
+    assert run.catch_up is not None and run.catch_up.conflicts == 1 and run.unaccounted == 0
+    assert unified.execute("SELECT text FROM memories WHERE source_key = %s", key).fetchone() == (
+        "the app edited this",)
+    assert unified.execute("SELECT source_key, op FROM memory_migration_conflicts").fetchall() == [(key[0], "U")]
+    assert live.lag(unified).conflicts == 1

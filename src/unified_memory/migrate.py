@@ -161,8 +161,8 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         _migrate_tables(conn, run, present, pending, opts, progress)
         run.rebuilt_indexes = rebuild_deferred_indexes(conn)
         conn.execute("ANALYZE memories")
-        run.catch_up = live.catch_up(conn, live.Settings(opts.source_timezone, opts.expiry, pause_ms=opts.pause_ms,
-                                                         run_id=run.run_id))
+        run.catch_up = live.catch_up(conn, live.Settings(opts.source_timezone, opts.expiry, opts.batch_size,
+                                                         opts.pause_ms, run.run_id))
         run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:
