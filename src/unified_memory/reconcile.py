@@ -20,11 +20,11 @@ from .db import scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
-# Memories compared with their source: live, and not changed by the application since the migration wrote them
-# (memory_migration_synced, 020): a soft-deleted memory of a row the application deleted has no source row,
-# and an edit made in the unified store is the application's, not a migration error.
-_IN_SYNC = ("{m}.deleted_at IS NULL AND {m}.version <= coalesce((SELECT s.version FROM memory_migration_synced s "
-            "WHERE s.memory_id = {m}.id), 1)")
+# Memories compared with their source: live ones without a recorded conflict (020). A soft-deleted memory of a
+# row the application deleted has no source row; a conflict is the application's own edit in the unified store,
+# kept on purpose and reported by migrate and health.
+_IN_SYNC = ("{m}.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_conflicts c "
+            "WHERE c.memory_id = {m}.id)")
 _CREATED_AT_DST = "CASE WHEN m.meta -> 'legacy' ? 'created_at_missing' THEN NULL ELSE m.created_at END"
 
 
