@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from livewriter import Writer, checksums, exactness_problems
+from livewriter import TABLES, Writer, checksums, exactness_problems
 
 from unified_memory import fixtures, live
 from unified_memory.backup import backup
@@ -105,3 +107,43 @@ def test_a_memory_changed_in_the_unified_store_is_never_overwritten(unified: psy
         "the app edited this",)
     assert unified.execute("SELECT source_key, op FROM memory_migration_conflicts").fetchall() == [(key[0], "U")]
     assert live.lag(unified).conflicts == 1
+
+
+def test_cli_follow_until_idle_then_health_shows_the_lag_then_cutover(
+        dsn: str, unified: psycopg.Connection, home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from unified_memory.cli import app
+
+    fixtures.create(unified, rows=100)
+    runner = CliRunner()
+    writer = Writer(dsn, rate=100, seed=5)
+    writer.start()
+    stopper = threading.Timer(3.0, writer.stop)  # the application pauses: --until-idle ends the follow
+    stopper.start()
+    try:
+        follow = runner.invoke(app, ["--dsn", dsn, "migrate", "--no-backup", "--follow", "--until-idle", "1"])
+        assert follow.exit_code == 0, follow.output
+        assert "lag: " in follow.output and "catch-up:" in follow.output
+    finally:
+        stopper.cancel()
+        writer.stop()
+    assert writer.counts["I"] > 10
+    health = runner.invoke(app, ["--dsn", dsn, "--json", "health"])
+    assert json.loads(health.stdout)["live"]["waiting"] == 0
+    assert exactness_problems(unified) == {}
+    late = Writer(dsn, seed=6)
+    for n in range(1, 41):  # the application writes on after the follow stopped
+        late.write(unified, TABLES[n % 4], "IUD"[(n // 4) % 3], n)
+    health = runner.invoke(app, ["--dsn", dsn, "--json", "health"])
+    waiting = json.loads(health.stdout)["live"]["waiting"]
+    assert waiting == sum(late.counts[op] for op in "IUD") > 10 and json.loads(health.stdout)["live"]["capturing"]
+    done = runner.invoke(app, ["--dsn", dsn, "--json", "cutover"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["catch_up_before_lock"]["changes"] == waiting
+    assert exactness_problems(unified) == {}
+    health = runner.invoke(app, ["--dsn", dsn, "--json", "health"])
+    assert json.loads(health.stdout)["live"] == {"waiting": 0, "oldest_seconds": None, "conflicts": 0,
+                                                  "capturing": [], "cut_over": sorted(checksums(unified))}
+    refused = runner.invoke(app, ["--dsn", dsn, "cleanup"])
+    assert refused.exit_code == 9 and "--yes" in refused.output
