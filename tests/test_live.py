@@ -12,10 +12,11 @@ import pytest
 from livewriter import TABLES, Writer, checksums, exactness_problems
 
 from unified_memory import fixtures, live
-from unified_memory.backup import backup
+from unified_memory.backup import backup, verify
 from unified_memory.cutover import CleanupRefused, cleanup, cutover
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.rollback import rollback
+from unified_memory.validate import validate
 
 
 def _outcomes(run: object) -> dict[str, int]:
@@ -78,6 +79,8 @@ def test_cutover_makes_legacy_read_only_then_cleanup_and_a_rollback_of_its_backu
     unified.execute("DROP VIEW app_view")
     done = cleanup(unified, final, yes=True)
     assert set(done.tables) == set(at_cutover) and checksums(unified) == {}
+    report = validate(unified, manifest=verify(final))  # outcomes of the dropped tables against the final backup
+    assert [c.name for c in report.failed() if c.name.startswith("reconciliation")] == []
     restored = rollback(unified, final, yes=True)
     assert {r.action for r in restored.tables.values()} == {"restored"}
     assert checksums(unified) == at_cutover

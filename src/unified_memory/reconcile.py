@@ -16,7 +16,7 @@ from psycopg import sql
 
 from .accounting import account
 from .batchsql import mapped_source
-from .db import scalar
+from .db import relation_exists, scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
@@ -123,7 +123,11 @@ SELECT coalesce(s.tenant, d.tenant), coalesce(s.n, 0), s.sum, coalesce(d.n, 0), 
 
 def outcomes_without_source(conn: psycopg.Connection, table: str) -> int:
     """Source rows with a recorded outcome, counted from memories and the quarantine alone (table gone)."""
-    return int(scalar(
-        conn, "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT source_key AS k FROM memories "
-        "WHERE source_table = %(t)s UNION ALL SELECT source_key FROM memory_migration_quarantine "
-        "WHERE source_table = %(t)s) o", {"t": table}))
+    retired = sql.SQL("")  # memories catch-up soft-deleted: their row was gone from the table before it was dropped
+    if relation_exists(conn, "memory_migration_synced"):
+        retired = sql.SQL("AND strpos(m.source_key, '~') = 0 AND NOT (m.deleted_at IS NOT NULL AND m.version <= "
+                          "coalesce((SELECT s.version FROM memory_migration_synced s WHERE s.memory_id = m.id), 1))")
+    return int(scalar(conn, sql.SQL(
+        "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT m.source_key AS k FROM memories m "
+        "WHERE m.source_table = %(t)s {} UNION ALL SELECT source_key FROM memory_migration_quarantine "
+        "WHERE source_table = %(t)s) o").format(retired), {"t": table}))
