@@ -22,10 +22,9 @@ CREATE TABLE IF NOT EXISTS memory_migration_changes (
     outcome      TEXT
 );
 COMMENT ON TABLE memory_migration_changes IS 'unified-memory 020: legacy writes captured during the migration';
+-- one index besides the key: each one costs every captured write (the waiting set is small; scans use this)
 CREATE INDEX IF NOT EXISTS idx_memory_migration_changes_waiting
     ON memory_migration_changes (change_id) WHERE applied_at IS NULL;
-CREATE INDEX IF NOT EXISTS idx_memory_migration_changes_waiting_key
-    ON memory_migration_changes (source_table, new_key) WHERE applied_at IS NULL;
 
 CREATE TABLE IF NOT EXISTS memory_migration_synced (
     memory_id UUID PRIMARY KEY REFERENCES memories (id) ON DELETE CASCADE,
