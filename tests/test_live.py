@@ -150,3 +150,13 @@ def test_cli_follow_until_idle_then_health_shows_the_lag_then_cutover(
                                                   "capturing": [], "cut_over": sorted(checksums(unified))}
     refused = runner.invoke(app, ["--dsn", dsn, "cleanup"])
     assert refused.exit_code == 9 and "--yes" in refused.output
+
+
+def test_truncate_of_a_captured_table_retires_its_memories(unified: psycopg.Connection) -> None:
+    fixtures.create(unified, rows=60)
+    migrate(unified)
+    unified.execute("TRUNCATE memory_entries, long_term_memory")
+    run = migrate(unified)
+    assert run.unaccounted == 0 and exactness_problems(unified) == {}
+    assert unified.execute("SELECT count(*) FROM memories WHERE source_table IN ('memory_entries', "
+                           "'long_term_memory') AND deleted_at IS NULL").fetchone() == (0,)

@@ -5,7 +5,8 @@ DECLARE
     t RECORD;
 BEGIN
     FOR t IN SELECT tgrelid::regclass AS rel, tgname FROM pg_trigger
-             WHERE tgname IN ('memory_migration_capture', 'memory_migration_read_only') LOOP
+             WHERE tgname IN ('memory_migration_capture', 'memory_migration_capture_truncate',
+                                      'memory_migration_read_only') LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
     END LOOP;
     FOR t IN SELECT p.oid::regprocedure AS fn FROM pg_proc p

@@ -77,8 +77,10 @@ DECLARE
     v_fn TEXT;
     v_old TEXT;
     v_new TEXT;
+    v_qualified TEXT;
 BEGIN
-    SELECT c.relname INTO v_table FROM pg_class c WHERE c.oid = p_table;
+    SELECT c.relname, format('%I.%I', n.nspname, c.relname) INTO v_table, v_qualified
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'memory_migration_capture') THEN
         RETURN false;
     END IF;
@@ -104,6 +106,16 @@ BEGIN
                    'unified-memory 020: change capture of ' || v_table);
     EXECUTE format('CREATE TRIGGER memory_migration_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION %I.%I()', p_table, v_schema, v_fn);
+    -- TRUNCATE fires no row trigger: before it, every row still there is recorded as deleted
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION %1$I.%2$I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp AS $b$
+        BEGIN
+            INSERT INTO %1$I.memory_migration_changes (source_table, op, old_key) SELECT %3$L, 'D', %4$s FROM %5$s t;
+            RETURN NULL;
+        END $b$ $f$, v_schema, v_fn || '_truncate', v_table,
+        CASE WHEN p_key IS NULL THEN 't.ctid::text' ELSE format('t.%I::text', p_key) END, v_qualified);
+    EXECUTE format('CREATE TRIGGER memory_migration_capture_truncate BEFORE TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', p_table, v_schema, v_fn || '_truncate');
     RETURN true;
 END
 $$;
@@ -121,7 +133,9 @@ BEGIN
         RETURN false;
     END IF;
     EXECUTE format('DROP TRIGGER memory_migration_capture ON %s', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS memory_migration_capture_truncate ON %s', p_table);
     EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', v_schema, v_fn);
+    EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', v_schema, v_fn || '_truncate');
     RETURN true;
 END
 $$;
