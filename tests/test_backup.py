@@ -147,7 +147,7 @@ def test_rollback_refuses_without_yes_and_dry_run_changes_nothing(conn: psycopg.
         rollback(conn, path)
     memories = conn.execute("SELECT count(*) FROM memories").fetchone()
     plan = rollback(conn, path, dry_run=True)
-    assert plan.tables["memory_entries"].action == "restored" and plan.tables["memory_items"].action == "unchanged"
+    assert plan.tables["memory_entries"].action == "restored" and plan.tables["memory_items"].action == "kept"
     assert plan.memories_removed == memories[0] if memories else False
     assert conn.execute("SELECT count(*) FROM memories").fetchone() == memories
     assert conn.execute("SELECT to_regclass('memory_entries')").fetchone() == (None,)
@@ -165,7 +165,7 @@ def test_rows_added_since_are_kept_and_changed_memories_are_kept_unless_forced(
     changed = conn.execute("UPDATE memories SET text = 'edited by the app' WHERE id = "
                            "(SELECT id FROM memories WHERE source_table = 'memory_items' LIMIT 1) RETURNING id"
                            ).fetchone()
-    result = rollback(conn, path, yes=True)
+    result = rollback(conn, path, yes=True, replace_tables=True)
     lt = result.tables["long_term_memory"]
     assert (lt.action, lt.rows_added_since, lt.kept_new_rows) == ("replaced", 1, 1)
     assert lt.saved_as == "unified_memory_rollback_saved.long_term_memory"

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
+from .db import relation_exists, scalar
 from .mapping import LONG_TERM_ROW_QUARANTINE, mapping_for
 
 
@@ -28,6 +28,8 @@ class TableAccount:
     quarantined: dict[str, int] = field(default_factory=dict)
     items: int | None = None  # long_term_memory: items in the rows that expanded
     expanded_rows: int | None = None
+    waiting: int = 0  # rows captured after the last catch-up, not migrated yet
+    retired: int = 0  # memories whose legacy row the application deleted or edited away (soft-deleted)
 
     @property
     def quarantined_total(self) -> int:
@@ -37,10 +39,10 @@ class TableAccount:
     def unaccounted(self) -> int:
         """Rows (or items) with no outcome: 0 once the table is fully migrated."""
         if self.items is None:
-            return self.source_rows - self.migrated - self.duplicates - self.quarantined_total
+            return self.source_rows - self.migrated - self.duplicates - self.quarantined_total - self.waiting
         row_level = sum(n for r, n in self.quarantined.items() if r in _ROW_REASONS)
         item_level = self.quarantined_total - row_level + self.duplicates
-        rows_left = self.source_rows - (self.expanded_rows or 0) - row_level
+        rows_left = self.source_rows - (self.expanded_rows or 0) - row_level - self.waiting
         items_left = self.items - self.migrated - item_level
         return rows_left + items_left
 
@@ -49,6 +51,7 @@ class TableAccount:
             "shape": self.shape, "source_rows": self.source_rows, "migrated": self.migrated,
             "duplicates": self.duplicates, "quarantined": self.quarantined_total,
             "quarantined_by_reason": dict(sorted(self.quarantined.items())), "unaccounted": self.unaccounted,
+            "waiting": self.waiting, "retired": self.retired,
         }
         if self.items is not None:
             data["items"], data["expanded_rows"] = self.items, self.expanded_rows
@@ -57,38 +60,88 @@ class TableAccount:
 
 _ROW_REASONS = {r for r, _ in LONG_TERM_ROW_QUARANTINE} | {"rejected_by_database"}
 
+# Outcomes are counted for the current legacy rows only (joined on their keys), so rows the application deleted
+# (their memories soft-deleted by catch-up: ``retired``) never make a count negative; a row captured after the
+# last catch-up and not migrated yet is ``waiting``. One outcome per row: quarantine, then memory, then waiting.
+_WAITING = ("(SELECT DISTINCT new_key AS k FROM memory_migration_changes "
+            "WHERE applied_at IS NULL AND source_table = %(t)s)")
+_NO_CAPTURE = "(SELECT NULL::text AS k WHERE false)"
 _OUTCOMES = sql.SQL(
-    "SELECT (SELECT count(*) FROM {table}) AS source_rows, "
-    "(SELECT count(*) FROM memories WHERE source_table = %(t)s) AS migrated, "
-    "(SELECT coalesce(jsonb_object_agg(reason, n), '{{}}') FROM (SELECT reason, count(*) AS n "
-    " FROM memory_migration_quarantine WHERE source_table = %(t)s GROUP BY reason) q) AS reasons"
+    "SELECT CASE WHEN q.reason IS NOT NULL THEN q.reason WHEN m.source_key IS NOT NULL THEN 'migrated' "
+    "WHEN w.k IS NOT NULL THEN 'waiting' END AS outcome, count(*) FROM {table} s "
+    "LEFT JOIN memory_migration_quarantine q ON q.source_table = %(t)s AND q.source_key = {key} "
+    "LEFT JOIN (SELECT source_key FROM memories WHERE source_table = %(t)s) m ON m.source_key = {key} "
+    "LEFT JOIN {waiting} w ON w.k = {key} GROUP BY 1"
 )
+_MEMORIES = "SELECT count(*) FROM memories WHERE source_table = %(t)s"
 
-_LONG_TERM_ITEMS = sql.SQL(
-    "SELECT count(*) AS expanded_rows, "
-    "coalesce(sum(CASE jsonb_typeof(doc) WHEN 'array' THEN jsonb_array_length(doc) ELSE 1 END), 0) AS items "
-    "FROM (SELECT s.ctid::text AS row_key, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s "
-    "OFFSET 0) d "  # OFFSET 0: one parse per row, not one per reference to doc
-    "WHERE doc IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine q "
-    "WHERE q.source_table = %(t)s AND q.source_key = d.row_key) "
-    "AND (jsonb_typeof(doc) IN ('array', 'object', 'string')) "
-    "AND (EXISTS (SELECT 1 FROM memories m WHERE m.source_table = %(t)s "
-    "             AND m.source_key = d.row_key || '#0') "
-    "     OR EXISTS (SELECT 1 FROM memory_migration_quarantine q WHERE q.source_table = %(t)s "
-    "             AND q.source_key = d.row_key || '#0'))"
+# long_term_memory: per current row (ctid), its row-level outcome, or its items' outcomes (<ctid>#<n>, n below
+# the row's item count; memories retired by catch-up carry a '~' and belong to no current row).
+_LONG_TERM = sql.SQL("""WITH r AS (
+    SELECT s.ctid::text AS rk, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s OFFSET 0
+),
+rq AS (SELECT source_key AS rk, reason FROM memory_migration_quarantine
+       WHERE source_table = %(t)s AND strpos(source_key, '#') = 0),
+io AS (
+    SELECT rk, idx, CASE WHEN bool_or(outcome IS NULL) THEN 'migrated' ELSE min(outcome) END AS outcome FROM (
+        SELECT split_part(source_key, '#', 1) AS rk, split_part(source_key, '#', 2)::int AS idx, NULL AS outcome
+        FROM memories WHERE source_table = %(t)s AND strpos(source_key, '~') = 0
+        UNION ALL
+        SELECT split_part(source_key, '#', 1), split_part(source_key, '#', 2)::int, reason
+        FROM memory_migration_quarantine WHERE source_table = %(t)s AND strpos(source_key, '#') > 0) u
+    GROUP BY rk, idx
+),
+per_row AS (
+    SELECT r.rk, CASE jsonb_typeof(r.doc) WHEN 'array' THEN jsonb_array_length(r.doc) ELSE 1 END AS n,
+           CASE WHEN rq.reason IS NOT NULL THEN rq.reason WHEN e.rk IS NOT NULL THEN 'expanded'
+                WHEN w.k IS NOT NULL THEN 'waiting' END AS outcome
+    FROM r LEFT JOIN rq USING (rk) LEFT JOIN (SELECT DISTINCT rk FROM io) e USING (rk)
+    LEFT JOIN {waiting} w ON w.k = r.rk
 )
+SELECT 'row' AS level, outcome, count(*) AS n, coalesce(sum(n), 0) AS items FROM per_row GROUP BY outcome
+UNION ALL
+SELECT 'item', io.outcome, count(*), 0 FROM io JOIN per_row p ON p.rk = io.rk AND p.outcome = 'expanded'
+WHERE io.idx < p.n GROUP BY io.outcome""")
 
 
 def account(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
-    """Outcome counts of ``table`` from memories and the quarantine."""
-    cur = conn.cursor(row_factory=dict_row)
-    row = cur.execute(_OUTCOMES.format(table=sql.Identifier(table)), {"t": table}).fetchone()
-    assert row is not None
-    reasons: dict[str, int] = {k: int(v) for k, v in row["reasons"].items()}
-    result = TableAccount(table, shape, int(row["source_rows"]), int(row["migrated"]), reasons.pop("duplicate_id", 0),
-                          reasons)
-    if mapping_for(table, shape).expands:
-        expanded = cur.execute(_LONG_TERM_ITEMS.format(table=sql.Identifier(table)), {"t": table}).fetchone()
-        assert expanded is not None
-        result.expanded_rows, result.items = int(expanded["expanded_rows"]), int(expanded["items"])
+    """Outcome counts of ``table``'s current rows from memories, the quarantine and the waiting changes."""
+    mapping = mapping_for(table, shape)
+    if mapping.expands:
+        return _long_term(conn, table, shape)
+    result = TableAccount(table, shape, items=None)
+    query = _OUTCOMES.format(table=sql.Identifier(table), key=sql.SQL(mapping.key), waiting=_waiting(conn))
+    for outcome, n in conn.execute(query, {"t": table}):
+        result.source_rows += int(n)
+        _count(result, outcome, int(n))
+    result.retired = int(scalar(conn, _MEMORIES, {"t": table})) - result.migrated
+    return result
+
+
+def _waiting(conn: psycopg.Connection) -> sql.SQL:
+    return sql.SQL(_WAITING if relation_exists(conn, "memory_migration_changes") else _NO_CAPTURE)
+
+
+def _count(result: TableAccount, outcome: str | None, n: int) -> None:
+    if outcome == "migrated":
+        result.migrated += n
+    elif outcome == "duplicate_id":
+        result.duplicates += n
+    elif outcome == "waiting":
+        result.waiting += n
+    elif outcome is not None:
+        result.quarantined[outcome] = result.quarantined.get(outcome, 0) + n
+
+
+def _long_term(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
+    result = TableAccount(table, shape, items=0, expanded_rows=0)
+    query = _LONG_TERM.format(table=sql.Identifier(table), waiting=_waiting(conn))
+    for level, outcome, n, items in conn.execute(query, {"t": table}):
+        if level == "row":
+            result.source_rows += int(n)
+            if outcome == "expanded":
+                result.expanded_rows, result.items = int(n), int(items)
+                continue
+        _count(result, outcome, int(n))
+    result.retired = int(scalar(conn, _MEMORIES, {"t": table})) - result.migrated
     return result

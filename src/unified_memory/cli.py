@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import psycopg
 import typer
 
-from . import backup, fixtures, locks, logs, metrics, report, schema
+from . import backup, cutover, fixtures, live, locks, logs, metrics, report, schema
 from .backupfile import load_key
 from .db import DEMO_DATABASE, Target, connect, fresh_database, on_database, target_for
 from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError, describe, translate
@@ -81,6 +81,8 @@ EmbedderOpt = Annotated[str, typer.Option(help="Embedder for memories without a 
                                                "minilm (the 'embedder' extra) or none.")]
 
 
+LockTimeoutOpt = Annotated[int, typer.Option(help="Wait at most this long (ms) for a legacy table's lock; retried "
+                                                 "with backoff, so the application's writes never queue for long.")]
 KeyFileOpt = Annotated[Path | None, typer.Option(
     "--key-file", help="File holding the backup passphrase (else UNIFIED_MEMORY_BACKUP_KEY; never on the "
                        "command line). With a key, backups are encrypted (AES-256-GCM).", show_default=False)]
@@ -265,6 +267,11 @@ def migrate_cmd(
     jobs: Annotated[int, typer.Option(min=0, max=64, help="Parallel connections (key ranges, index builds); 0: the "
                                                           "server's core count as far as it can tell, capped at 16.")
                     ] = 0,
+    lock_timeout_ms: LockTimeoutOpt = 2000,
+    follow: Annotated[bool, typer.Option("--follow", help="Then keep catching up with the application's changes "
+                                                          "until interrupted, showing the lag.")] = False,
+    until_idle: Annotated[float | None, typer.Option(help="With --follow: stop once no change arrived for this "
+                                                          "many seconds.", show_default=False)] = None,
     key_file: KeyFileOpt = None,
     json_flag: JsonOpt = False,
 ) -> None:
@@ -273,14 +280,18 @@ def migrate_cmd(
     options_ = MigrationOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes,
                                 tables=tuple(tables) if tables else MigrationOptions().tables,
                                 source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run,
-                                jobs=jobs)
+                                jobs=jobs, lock_timeout_ms=lock_timeout_ms)
     logs.setup(opts.data_dir)
     with failures(opts):
         hook = None if no_backup or dry_run else _backup_hook(opts, key_file)
         with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
             result = migrate(conn, options_, progress=progress, before_first_write=hook,  # type: ignore[arg-type]
                              lock_wait=opts.lock_wait)
-        emit(opts, result, report.migration)
+            emit(opts, result, report.migration)
+            if follow and not dry_run:
+                settings = live.Settings(source_timezone, expiry, pause_ms=pause_ms, run_id=result.run_id)
+                show = None if opts.json or opts.quiet else lambda lag: print(report.lag_line(lag), file=sys.stderr)
+                emit(opts, live.follow(conn, settings, until_idle=until_idle, show=show), report.catch_up)
 
 
 def _backup_hook(opts: Options, key_file: Path | None) -> Callable[[psycopg.Connection], object]:
@@ -345,7 +356,10 @@ def rollback_cmd(
     yes: Annotated[bool, typer.Option("--yes", help="Proceed (the rollback never asks on stdin).")] = False,
     force: Annotated[bool, typer.Option(help="Also remove migrated memories changed since the migration.")] = False,
     discard_new_rows: Annotated[bool, typer.Option(
-        help="Do not carry over legacy rows added after the backup (the old table is saved aside anyway).")] = False,
+        help="With --replace-tables: do not carry over rows added after the backup (saved aside anyway).")] = False,
+    replace_tables: Annotated[bool, typer.Option(
+        help="Replace legacy tables that still exist with the backup's version, saving the current one aside "
+             "(default: a live table's rows are the newest truth and are kept).")] = False,
     into_other_database: Annotated[bool, typer.Option(
         help="Restore a backup taken of another database (cluster or database OID differ) on purpose.")] = False,
     key_file: KeyFileOpt = None,
@@ -359,7 +373,8 @@ def rollback_cmd(
         found = _backup_file(opts, path)
     result = run(ctx, lambda conn: rollback(conn, found, secret=secret, dry_run=dry_run, yes=yes, force=force,
                                             discard_new_rows=discard_new_rows, lock_wait=opts.lock_wait,
-                                            into_other_database=into_other_database),
+                                            into_other_database=into_other_database,
+                                            replace_tables=replace_tables),
                  report.rollback_result, json_flag)
     if result is not None and not dry_run and _milvus_configured(opts):
         _forget_vectors(opts)
@@ -374,6 +389,31 @@ def _forget_vectors(opts: Options) -> None:
         done = vectors.forget(conn, client, spec)
     if not (opts.json or opts.quiet):
         print(f"removed {done.removed} memories from the Milvus collection {spec.name}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- cutover, cleanup
+@app.command("cutover")
+def cutover_cmd(ctx: typer.Context, lock_timeout_ms: LockTimeoutOpt = 2000,
+                attempts: Annotated[int, typer.Option(min=1, max=10_000,
+                                                      help="Tries to take the locks before giving up.")] = 30,
+                json_flag: JsonOpt = False) -> None:
+    """Apply the last changes, make the legacy tables read-only and stop capture: the app uses memories only."""
+    logs.setup(options(ctx, json_flag).data_dir)
+    run(ctx, lambda conn: cutover.cutover(conn, lock_timeout_ms=lock_timeout_ms, attempts=attempts),
+        report.cutover_result, json_flag)
+
+
+@app.command("cleanup")
+def cleanup_cmd(ctx: typer.Context,
+                yes: Annotated[bool, typer.Option("--yes", help="Proceed (it never asks on stdin).")] = False,
+                key_file: KeyFileOpt = None, json_flag: JsonOpt = False) -> None:
+    """After cutover, a successful migration and validation: final verified backup, then drop the legacy tables."""
+    opts = options(ctx, json_flag)
+    logs.setup(opts.data_dir)
+    with failures(opts):
+        secret = load_key(key_file=key_file)
+        path = backup.default_path(backup_dir(opts.data_dir))
+    run(ctx, lambda conn: cutover.cleanup(conn, path, secret=secret, yes=yes), report.cleanup_result, json_flag)
 
 
 # ---------------------------------------------------------------------------------------------- validate

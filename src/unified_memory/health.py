@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 
 from .db import maintenance, relation_exists, scalar
 from .errors import SchemaError, ValidationFailed
+from .live import lag
 
 RECORD_COUNTS = ("SELECT COUNT(*) AS total_memories, COUNT(DISTINCT user_id) AS unique_users, "
                  "COUNT(DISTINCT org_id) AS unique_orgs FROM memories")
@@ -44,6 +45,7 @@ class Health:
     last_run: dict[str, Any] | None = None
     quarantined: int = 0
     vectors: dict[str, Any] | None = None
+    live: dict[str, Any] = field(default_factory=dict)  # change capture: waiting, oldest, conflicts
     seconds: float = 0.0
 
     @property
@@ -66,7 +68,7 @@ class Health:
     def to_dict(self) -> dict[str, Any]:
         return {"healthy": self.healthy, "counts": self.counts, "quality": self.quality,
                 "top_tenants": self.top_tenants, "last_run": self.last_run, "quarantined": self.quarantined,
-                "vectors": self.vectors, "seconds": round(self.seconds, 3)}
+                "vectors": self.vectors, "live": self.live, "seconds": round(self.seconds, 3)}
 
 
 def health(conn: psycopg.Connection) -> Health:
@@ -90,6 +92,7 @@ def health(conn: psycopg.Connection) -> Health:
                 result.last_run = dict(zip(("run_id", "status", "started_at", "finished_at"), row, strict=True))
             result.quarantined = int(scalar(conn, QUARANTINE))
         result.vectors = vector_lag(conn)
+        result.live = lag(conn).to_dict()
     result.seconds = time.monotonic() - started
     return result
 

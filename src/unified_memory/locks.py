@@ -40,7 +40,8 @@ JOB_KEYS: dict[str, int] = {"migrate": 3, "vectors sync": 17, "cleanup": 19}
 DEFAULT_WAIT = 5.0
 _POLL = 0.2
 
-_EXCLUSIVE_STATE: frozenset[str] = frozenset({"schema up", "schema down", "schema repair", "rollback", "cutover"})
+_EXCLUSIVE_STATE: frozenset[str] = frozenset({"schema up", "schema down", "schema repair", "rollback", "cutover",
+                                              "cleanup"})
 _NOUN: dict[str, str] = {"migrate": "migration", "rollback": "rollback", "schema up": "schema change",
                          "schema down": "schema change", "schema repair": "schema repair", "cutover": "cutover",
                          "backup": "backup", "vectors sync": "vector sync", "cleanup": "cleanup"}

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from . import batchsql, locks, ranges
+from . import batchsql, live, locks, ranges
 from .accounting import TableAccount, account
 from .db import custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, MigrationError, SchemaError, describe, translate
@@ -47,11 +47,13 @@ class MigrationOptions:
     dry_run: bool = False
     defer_indexes: bool = True
     jobs: int = 0  # parallel connections; 0: the server's core count as far as it can tell (capped)
+    lock_timeout_ms: int = 2000  # starting change capture waits at most this long for the application's locks
 
     def to_dict(self) -> dict[str, object]:
         return {"batch_size": self.batch_size, "max_batch_bytes": self.max_batch_bytes, "tables": list(self.tables),
                 "source_timezone": self.source_timezone, "expiry": self.expiry, "pause_ms": self.pause_ms,
-                "dry_run": self.dry_run, "defer_indexes": self.defer_indexes, "jobs": self.jobs}
+                "dry_run": self.dry_run, "defer_indexes": self.defer_indexes, "jobs": self.jobs,
+                "lock_timeout_ms": self.lock_timeout_ms}
 
 
 @dataclass
@@ -88,6 +90,7 @@ class MigrationRun:
     seconds: float = 0.0
     options: dict[str, object] = field(default_factory=dict)
     phases: Phases = field(default_factory=Phases)
+    catch_up: live.CatchUp | None = None  # the application's changes applied at the end (live.py)
 
     @property
     def unaccounted(self) -> int:
@@ -100,6 +103,7 @@ class MigrationRun:
             "tables": {t: {**self.accounts[t].to_dict(), "this_run": _run_dict(r)} if t in self.accounts
                        else {"this_run": _run_dict(r)} for t, r in self.tables.items()},
             "unaccounted": self.unaccounted, "phases": self.phases.to_dict(),
+            "catch_up": self.catch_up.to_dict() if self.catch_up else None,
         }
 
 
@@ -143,11 +147,15 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
                 check_relation(conn, relation)
         for table, found in detected.items():
             log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+        if not opts.dry_run:
+            with run.phases.timed("start_capture"):  # before anything is read: every later write is captured
+                live.start_capture(conn, present, lock_timeout_ms=opts.lock_timeout_ms)
         with run.phases.timed("pending"):
             pending = {t: _pending(conn, mapping_for(t, d.shape)) for t, d in present.items()}
             deferred_left = _deferred_count(conn)
         with Workers(conn, jobs) as workers:
-            if not opts.dry_run and not any(pending.values()) and not deferred_left:
+            if not opts.dry_run and not any(pending.values()) and not deferred_left \
+                    and not live.lag(conn).waiting:
                 run.status = "nothing_to_do"
                 run.accounts = _accounts(workers, present, run.phases)
                 run.seconds = time.monotonic() - started
@@ -178,6 +186,9 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
             run.rebuilt_indexes = rebuild_deferred_indexes(conn, workers)
         with run.phases.timed("analyze"):
             conn.execute("ANALYZE memories")
+        with run.phases.timed("catch_up"):
+            run.catch_up = live.catch_up(conn, live.Settings(opts.source_timezone, opts.expiry, opts.batch_size,
+                                                             opts.pause_ms, run.run_id))
         run.accounts = _accounts(workers, present, run.phases)
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:

@@ -18,11 +18,16 @@ from psycopg.rows import dict_row
 from . import ranges
 from .accounting import account
 from .batchsql import mapped_source, range_predicate
-from .db import scalar
+from .db import relation_exists, scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 from .parallel import Workers
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
+# Memories compared with their source: live ones without a recorded conflict (020). A soft-deleted memory of a
+# row the application deleted has no source row; a conflict is the application's own edit in the unified store,
+# kept on purpose and reported by migrate and health.
+_IN_SYNC = ("{m}.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_conflicts c "
+            "WHERE c.memory_id = {m}.id)")
 _CREATED_AT_DST = "CASE WHEN m.meta -> 'legacy' ? 'created_at_missing' THEN NULL ELSE m.created_at END"
 
 
@@ -51,7 +56,8 @@ def counts(conn: psycopg.Connection, table: str, shape: str) -> dict[str, Any]:
 
 
 def _compared_columns(m: TableMapping) -> list[str]:
-    return [c for c in RECONCILED if c in m.columns or c == "meta"]
+    # long_term_memory ids derive from the ctid key; one reused by a later row gets a suffix (live.py)
+    return [c for c in RECONCILED if (c in m.columns or c == "meta") and not (m.expands and c == "id")]
 
 
 def _source_hash(m: TableMapping) -> sql.Composable:
@@ -72,6 +78,10 @@ def _memory_hash(m: TableMapping) -> sql.Composable:
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(cols))
 
 
+def _in_sync(alias: str) -> sql.Composed:
+    return sql.SQL(_IN_SYNC).format(m=sql.Identifier(alias))
+
+
 def _pairs(m: TableMapping, sliced: bool = False) -> sql.Composed:
     """CTEs ``src`` and ``dst``: (source_key, tenant, h) for every migrated row, on each side; with ``sliced``,
     the source rows in key range ``(%(after)s, %(upper)s]`` and the memories whose key hashes to ``%(slice)s``
@@ -84,12 +94,13 @@ def _pairs(m: TableMapping, sliced: bool = False) -> sql.Composed:
 src AS (
     SELECT {key} AS source_key, ({owner})::text AS tenant, {src_hash} AS h {source}
     WHERE {reason} IS NULL{own_range}
-      AND EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = {key})
+      AND EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = {key} AND {x_in_sync})
 ),
 dst AS (
     SELECT m.source_key, m.user_id::text AS tenant, {dst_hash} AS h FROM memories m
-    WHERE m.source_table = {table}{dst_slice}
-)""").format(prelude=prelude, key=sql.SQL(m.key), owner=sql.SQL(m.columns["user_id"].sql()),
+    WHERE m.source_table = {table} AND {m_in_sync}{dst_slice}
+)""").format(x_in_sync=_in_sync("x"), m_in_sync=_in_sync("m"),
+             prelude=prelude, key=sql.SQL(m.key), owner=sql.SQL(m.columns["user_id"].sql()),
              src_hash=_source_hash(m), source=source, reason=sql.SQL(m.reason_sql()), own_range=own_range,
              table=sql.Literal(m.table), dst_hash=_memory_hash(m), dst_slice=dst_slice)
 
@@ -140,7 +151,11 @@ def content(conn: psycopg.Connection, table: str, shape: str, *, source_timezone
 
 def outcomes_without_source(conn: psycopg.Connection, table: str) -> int:
     """Source rows with a recorded outcome, counted from memories and the quarantine alone (table gone)."""
-    return int(scalar(
-        conn, "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT source_key AS k FROM memories "
-        "WHERE source_table = %(t)s UNION ALL SELECT source_key FROM memory_migration_quarantine "
-        "WHERE source_table = %(t)s) o", {"t": table}))
+    retired = sql.SQL("")  # memories catch-up soft-deleted: their row was gone from the table before it was dropped
+    if relation_exists(conn, "memory_migration_synced"):
+        retired = sql.SQL("AND strpos(m.source_key, '~') = 0 AND NOT (m.deleted_at IS NOT NULL AND m.version <= "
+                          "coalesce((SELECT s.version FROM memory_migration_synced s WHERE s.memory_id = m.id), 1))")
+    return int(scalar(conn, sql.SQL(
+        "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT m.source_key AS k FROM memories m "
+        "WHERE m.source_table = %(t)s {} UNION ALL SELECT source_key FROM memory_migration_quarantine "
+        "WHERE source_table = %(t)s) o").format(retired), {"t": table}))

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .backup import BackupManifest
+from .cutover import CleanupResult, CutoverResult
 from .errors import ConfigError
 from .health import Health
+from .live import CatchUp, Lag
 from .migrate import MigrationRun
 from .rollback import RollbackResult
 from .schema import SchemaResult, SchemaStatus
@@ -117,7 +119,37 @@ def migration(run: MigrationRun) -> str:
                          "unaccounted", "rows/s", "quarantine reasons"], rows))
     lines.append("")
     lines.append(f"run {run.run_id or '-'} in {run.seconds:.1f} s; indexes rebuilt after load: {run.rebuilt_indexes}")
+    if run.catch_up is not None:
+        lines.append(catch_up(run.catch_up))
     return "\n".join(lines)
+
+
+def catch_up(result: CatchUp) -> str:
+    """What catch-up applied of the application's changes, and the lag left."""
+    lag = result.lag
+    return (f"catch-up: {result.changes} changes in {result.batches} batches ({result.seconds:.1f} s): "
+            f"{result.inserted} inserted, {result.updated} updated, {result.deleted} soft-deleted, "
+            f"{result.quarantined} quarantined, {result.conflicts} conflicts (kept the unified store's version); "
+            f"waiting now {lag.get('waiting', 0)}, conflicts recorded {lag.get('conflicts', 0)}")
+
+
+def lag_line(lag: Lag) -> str:
+    """One line of ``migrate --follow``."""
+    age = "-" if lag.oldest_seconds is None else f"{lag.oldest_seconds:.1f} s"
+    return f"lag: {lag.waiting} changes waiting, oldest {age}; conflicts {lag.conflicts}"
+
+
+def cutover_result(result: CutoverResult) -> str:
+    """``cutover`` on a terminal."""
+    return (f"cut over {', '.join(result.tables)}: legacy tables are read-only, capture removed; "
+            f"{result.before_lock.changes} changes applied before the lock, {result.under_lock.changes} under it; "
+            f"locked {result.locked_seconds:.3f} s (attempt {result.attempts}), {result.seconds:.1f} s in all")
+
+
+def cleanup_result(result: CleanupResult) -> str:
+    """``cleanup`` on a terminal."""
+    dropped = ", ".join(f"{t} ({n} rows)" for t, n in result.tables.items())
+    return f"final backup verified: {result.backup}\ndropped: {dropped}"
 
 
 def backup_manifest(manifest: BackupManifest, *, done: str = "written") -> str:
@@ -222,7 +254,8 @@ def health_text(result: Health) -> str:
              "vector collection: " + (f"{result.vectors['queued_changes']} queued changes (oldest "
                                       f"{result.vectors['oldest_change_seconds'] or 0:.0f} s), "
                                       f"{result.vectors['memories_without_vector']} live memories without a vector"
-                                      if result.vectors else "not followed (migration 021 not applied)"), "",
+                                      if result.vectors else "not followed (migration 021 not applied)"),
+             _live_line(result.live), "",
              _table(["user_id", "memories"], [list(r) for r in result.top_tenants])]
     return "\n".join(lines)
 
@@ -287,6 +320,13 @@ def metrics_command(data_dir: Path, milvus_file: Path) -> str:
     """The command that prints the demo database's metrics (its server and Milvus Lite file are named)."""
     return (f"MILVUS_URI={milvus_file} unified-memory --data-dir {data_dir} metrics --database unified_memory_demo"
             "   (add --serve 9464 to serve them for Prometheus)")
+
+
+def _live_line(live: dict[str, Any]) -> str:
+    captured = ", ".join(live.get("capturing", [])) or "-"
+    cut = ", ".join(live.get("cut_over", [])) or "-"
+    return (f"live: {live.get('waiting', 0)} changes waiting (oldest {live.get('oldest_seconds')} s), "
+            f"{live.get('conflicts', 0)} conflicts; capturing {captured}; cut over {cut}")
 
 
 def _md(text: str) -> str:

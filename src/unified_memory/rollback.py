@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import locks, restore
+from . import cutover, locks, restore
 from .backup import (
     DETERMINISTIC_SESSION,
     BackupManifest,
@@ -42,11 +42,13 @@ SAVED = "unified_memory_rollback_saved"
 # count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
 ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
                 "FROM {} t")
-_COUNT_CHANGED = ("SELECT count(*) FROM memories WHERE source_table = ANY(%(tables)s) "
-                  "AND (version > 1 OR deleted_at IS NOT NULL)")
+# changed since the migration: a version above the one the migration last wrote (catch-up's own edits and
+# soft-deletes are recorded in memory_migration_synced, 020); without 020, any edit or soft delete
+_CHANGED = {True: "version > coalesce((SELECT s.version FROM memory_migration_synced s WHERE s.memory_id = id), 1)",
+            False: "(version > 1 OR deleted_at IS NOT NULL)"}
+_COUNT_CHANGED = "SELECT count(*) FROM memories WHERE source_table = ANY(%(tables)s) AND {changed}"
 _DELETE_MIGRATED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s)"
-_DELETE_UNCHANGED = ("DELETE FROM memories WHERE source_table = ANY(%(tables)s) "
-                     "AND version = 1 AND deleted_at IS NULL")
+_DELETE_UNCHANGED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s) AND NOT {changed}"
 
 
 @dataclass
@@ -54,7 +56,7 @@ class TableRestore:
     """What the rollback did (or would do) to one legacy table."""
 
     table: str
-    action: str  # restored (it was gone) | replaced (it had changed) | unchanged
+    action: str  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
     rows: int
     rows_added_since: int = 0
     rows_missing_since: int = 0
@@ -95,13 +97,15 @@ class RollbackResult:
 
 def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None, dry_run: bool = False,
              yes: bool = False, force: bool = False, discard_new_rows: bool = False,
-             lock_timeout_ms: int = 5000, lock_wait: float = locks.DEFAULT_WAIT,
+             replace_tables: bool = False, lock_timeout_ms: int = 5000, lock_wait: float = locks.DEFAULT_WAIT,
              into_other_database: bool = False) -> RollbackResult:
     """Restore the legacy tables of the backup at ``path`` and remove the migrated memories.
 
     ``force`` also removes migrated memories changed since the migration (kept and reported otherwise).
-    A backup of another database (cluster system identifier, database OID) is refused unless
-    ``into_other_database``.
+    A legacy table that still exists holds the application's newest rows and is kept as it is; only tables
+    that are gone are restored, unless ``replace_tables`` (the live table is then saved aside). Change
+    capture and the cutover's read-only guard are undone. A backup of another database (cluster system
+    identifier, database OID) is refused unless ``into_other_database``.
 
     Raises:
         BackupIntegrityError / BackupKeyError: the backup is not intact; the database was not touched.
@@ -123,10 +127,12 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
             conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
             for statement in DETERMINISTIC_SESSION:
                 conn.execute(statement)
-            _stage(conn, path, tables, secret)
+            restore = [e for e in tables if replace_tables or not relation_exists(conn, _name(conn, e.table))]
+            _stage(conn, path, restore, secret)
             for entry in tables:
-                result.tables[entry.table] = _switch(conn, entry, discard_new_rows=discard_new_rows)
-            for entry in tables:
+                result.tables[entry.table] = (_switch(conn, entry, discard_new_rows=discard_new_rows)
+                                              if entry in restore else _kept(conn, entry))
+            for entry in restore:
                 if result.tables[entry.table].action != "unchanged":
                     _add_constraints_and_indexes(conn, entry)
             conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(STAGE)))
@@ -163,6 +169,10 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
         _ensure_types(conn, entry)
         restore.create_table(conn, sql.Identifier(STAGE, entry.table), entry.definition["columns"])
     for table, blocks in tables_data(path, secret=secret):
+        if table not in by_name:  # kept live: its rows are read (the backup is proven whole) but not restored
+            for _ in blocks:
+                pass
+            continue
         entry = by_name[table]
         copy_in = copy_sql(sql.Identifier(STAGE, entry.table), entry.column_names, entry.copy_format, "FROM STDIN")
         with restore.restricted(conn), conn.cursor() as cur, cur.copy(copy_in) as copy:
@@ -174,6 +184,16 @@ def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secr
         staged = copy_digest(conn, sql.Identifier(STAGE, entry.table), entry.column_names, entry.copy_format)
         if staged != (entry.rows, entry.bytes, entry.sha256):
             raise RollbackError(f"{entry.table}: the restored rows do not read back to the backup's SHA-256")
+
+
+def _name(conn: psycopg.Connection, table: str) -> str:
+    return sql.Identifier(table).as_string(conn)
+
+
+def _kept(conn: psycopg.Connection, entry: TableBackup) -> TableRestore:
+    """A legacy table that still exists: the application's current rows are the newest truth."""
+    rows = int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(entry.table))))
+    return TableRestore(entry.table, "kept", rows)
 
 
 def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, str]:
@@ -216,7 +236,8 @@ def _switch(conn: psycopg.Connection, entry: TableBackup, *, discard_new_rows: b
     conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(staged, sql.Identifier(here)))
     kept = 0
     if added and not discard_new_rows:
-        kept = conn.execute(sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} EXCEPT ALL SELECT {c} FROM {t}").format(
+        kept = conn.execute(sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM {s} EXCEPT ALL SELECT {c} FROM {t} "
+                                        "ON CONFLICT DO NOTHING").format(
             t=live, c=columns, s=sql.Identifier(SAVED, saved_name))).rowcount
     return TableRestore(entry.table, "replaced", entry.rows, added, missing, kept, f"{SAVED}.{saved_name}")
 
@@ -252,9 +273,12 @@ def _undo_unified_side(conn: psycopg.Connection, result: RollbackResult, tables:
     if not relation_exists(conn, "memory_migration_runs"):
         return
     params = {"tables": tables}
-    changed = conn.execute(_COUNT_CHANGED, params).fetchone()
+    predicate = _CHANGED[relation_exists(conn, "memory_migration_synced")]
+    changed = conn.execute(sql.SQL(_COUNT_CHANGED).format(changed=sql.SQL(predicate)), params).fetchone()
     result.memories_kept_changed = 0 if force else int(changed[0]) if changed else 0
-    result.memories_removed = conn.execute(_DELETE_MIGRATED if force else _DELETE_UNCHANGED, params).rowcount
+    delete = sql.SQL(_DELETE_MIGRATED if force else _DELETE_UNCHANGED).format(changed=sql.SQL(predicate))
+    result.memories_removed = conn.execute(delete, params).rowcount
+    cutover.undo(conn, tables)
     result.quarantine_cleared = conn.execute(
         "DELETE FROM memory_migration_quarantine WHERE source_table = ANY(%(tables)s)", params).rowcount
     result.checkpoints_cleared = conn.execute(
