@@ -9,7 +9,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-
 from roles import APP_ROLE, MAINTENANCE_ROLE, login_roles
 
 NO_SUCH = uuid.UUID("00000000-0000-4000-8000-000000000001")
