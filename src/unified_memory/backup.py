@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import __version__
+from . import __version__, privileges
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, read_records
 from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
@@ -155,6 +155,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     """
     if copy_format not in COPY_FORMATS:
         raise ConfigError(f"unknown COPY format {copy_format!r}; use one of {', '.join(COPY_FORMATS)}")
+    privileges.require(conn, "backup", legacy=[t for t in tables if t in privileges.present_legacy_tables(conn)])
     started = time.monotonic()
     writer = BackupWriter(path, secret=secret)
     try:

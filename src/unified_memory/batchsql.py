@@ -71,22 +71,22 @@ def _expires() -> str:
     return ("calculate_expires_at(decay_tier, CASE WHEN %(expiry)s = 'created' THEN created_at ELSE now() END)")
 
 
-def _taken_by_another_tenant(m: TableMapping) -> str:
+def _taken_by_another_tenant(m: TableMapping) -> sql.Composed:
     """The mapped id is held by a memory the migration did not write, of another tenant (an application row)."""
-    org = "mapped.org_id" if "org_id" in m.columns else "NULL::varchar"
-    return ("EXISTS (SELECT 1 FROM memories x WHERE x.id = mapped.id AND x.source_table IS NULL "
-            f"AND (x.user_id, x.org_id) IS DISTINCT FROM (mapped.user_id, {org}))")
+    org = sql.SQL("mapped.org_id" if "org_id" in m.columns else "NULL::varchar")
+    return sql.SQL("EXISTS (SELECT 1 FROM memories x WHERE x.id = mapped.id AND x.source_table IS NULL "
+                   "AND (x.user_id, x.org_id) IS DISTINCT FROM (mapped.user_id, {}))").format(org)
 
 
 def _inserted(m: TableMapping, names: list[str]) -> sql.Composable:
     """The INSERT's select list: an id another tenant's row squats is replaced, the original kept in meta.legacy."""
     taken = _taken_by_another_tenant(m)
     picks = {
-        "id": f"CASE WHEN {taken} THEN gen_random_uuid() ELSE mapped.id END",
-        "meta": f"CASE WHEN {taken} THEN jsonb_set(mapped.meta, '{{legacy}}', coalesce(mapped.meta -> 'legacy', "
-                "'{}') || jsonb_build_object('id_in_use', mapped.id)) ELSE mapped.meta END",
+        "id": sql.SQL("CASE WHEN {} THEN gen_random_uuid() ELSE mapped.id END").format(taken),
+        "meta": sql.SQL("CASE WHEN {} THEN jsonb_set(mapped.meta, '{{legacy}}', coalesce(mapped.meta -> 'legacy', "
+                        "'{{}}') || jsonb_build_object('id_in_use', mapped.id)) ELSE mapped.meta END").format(taken),
     }
-    return sql.SQL(", ").join(sql.SQL(picks[n]) if n in picks else sql.SQL("mapped.{}").format(sql.Identifier(n))
+    return sql.SQL(", ").join(picks[n] if n in picks else sql.SQL("mapped.{}").format(sql.Identifier(n))
                               for n in names)
 
 

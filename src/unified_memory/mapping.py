@@ -287,7 +287,8 @@ _ENTRIES_E1 = TableMapping(
     },
     meta="s.memory_metadata",
     legacy={"created_at_out_of_range": out_of_bounds(naive("created_at")),
-            "last_accessed_out_of_range": out_of_bounds(naive("last_accessed")), "vector_id": "s.vector_id", "embedding_id": "s.embedding_id", "query": "s.query", "result": "s.result",
+            "last_accessed_out_of_range": out_of_bounds(naive("last_accessed")),
+            "vector_id": "s.vector_id", "embedding_id": "s.embedding_id", "query": "s.query", "result": "s.result",
             "ttl": naive("ttl"), "timestamp": "s.timestamp", "updated_at": naive("updated_at")},
     quarantine=_COMMON_QUARANTINE,
     size="octet_length(s.content) + coalesce(pg_column_size(s.memory_metadata), 0) "

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import batchsql
+from . import batchsql, privileges
 from .accounting import TableAccount, account
-from .db import custom_plans, maintenance, relation_exists, scalar
+from .db import analyze, custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, LockBusy, MigrationError, SchemaError, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .shapes import Detected, detect
@@ -123,6 +123,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
         run = MigrationRun("running", opts.dry_run, shapes={t: d.shape if d else None for t, d in detected.items()},
                            options=opts.to_dict())
         present = {t: d for t, d in detected.items() if d is not None}
+        privileges.require(conn, "migrate", legacy=list(present))
         for table, found in detected.items():
             log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
         pending = {t: _pending(conn, mapping_for(t, d.shape)) for t, d in present.items()}
@@ -154,7 +155,7 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
             _defer_indexes(conn)
         _migrate_tables(conn, run, present, pending, opts, progress)
         run.rebuilt_indexes = rebuild_deferred_indexes(conn)
-        conn.execute("ANALYZE memories")
+        analyze(conn)
         run.accounts = {t: account(conn, t, d.shape) for t, d in present.items()}
         run.status = "succeeded" if run.unaccounted == 0 else "failed"
     except BaseException as exc:
@@ -208,7 +209,7 @@ def _migrate_table(conn: psycopg.Connection, m: TableMapping, tr: TableRun, run_
 
 def _refresh_statistics(conn: psycopg.Connection) -> None:
     """ANALYZE the outcome tables: the anti-joins that find pending rows go quadratic on stale estimates."""
-    conn.execute("ANALYZE memories, memory_migration_quarantine")
+    analyze(conn)
 
 
 def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object],
@@ -304,7 +305,9 @@ def _checkpoint(conn: psycopg.Connection, m: TableMapping, last_key: str | None,
 def _defer_indexes(conn: psycopg.Connection) -> None:
     """When memories is empty, drop its secondary indexes for the load; their definitions are kept first."""
     with conn.transaction():
-        empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM memories)").fetchone()
+        empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM memories) AND pg_has_role(current_user, "
+                             "(SELECT relowner FROM pg_class WHERE oid = 'memories'::regclass), 'USAGE')"
+                             ).fetchone()  # only the owner may drop indexes: others load with them
         if not empty or not empty[0]:
             return
         indexes = conn.execute(

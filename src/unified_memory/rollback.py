@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import privileges
 from .backup import DETERMINISTIC_SESSION, TableBackup, copy_digest, copy_sql, tables_data, verify
 from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, translate
@@ -107,6 +108,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     tables = list(manifest.tables.values())
     try:
         with maintenance(conn), conn.transaction(force_rollback=dry_run):
+            privileges.require(conn, "rollback")
             conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
             conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
             for statement in DETERMINISTIC_SESSION:

@@ -17,9 +17,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import contract, reconcile
+from . import contract, privileges, reconcile
 from .backup import BackupManifest
-from .db import maintenance, relation_exists, scalar
+from .db import analyze, maintenance, relation_exists, scalar
 from .errors import ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .shapes import LEGACY_TABLES, detect
@@ -72,6 +72,7 @@ def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None
     started = time.monotonic()
     report = ValidationReport()
     with maintenance(conn):
+        privileges.require(conn, "validate")
         report.checks += schema_checks(conn)
         if not relation_exists(conn, "memory_migration_runs"):
             report.checks.append(Check("schema.bookkeeping", FAIL, "migration 017 (the data migration's bookkeeping) "
@@ -399,7 +400,7 @@ CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def index_checks(conn: psycopg.Connection) -> list[Check]:
     """EXPLAIN the canonical tenant queries after ANALYZE: each must use one of its intended indexes."""
-    conn.execute("ANALYZE memories")
+    analyze(conn)
     sample = conn.execute("SELECT user_id, coalesce(org_id, ''), memory_type FROM memories "
                           "ORDER BY org_id IS NULL, id LIMIT 1").fetchone() or ("nobody", "", "general")
     params = {"u": sample[0], "o": sample[1], "t": sample[2]}

@@ -29,6 +29,7 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
 
+from . import privileges
 from .db import custom_plans, maintenance, scalar
 from .embedders import Embedder
 from .errors import VectorStoreError
@@ -225,6 +226,7 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
     old = _OldCollections(client, spec.dimension)
     with maintenance(conn), custom_plans(conn), _milvus("syncing vectors"), \
             ThreadPoolExecutor(max_workers=1) as ahead:
+        privileges.require(conn, "vectors", legacy=())
         if not client.has_collection(spec.name):
             raise VectorStoreError(f"collection {spec.name} does not exist: run `unified-memory vectors up` first")
         client.load_collection(spec.name)

@@ -118,6 +118,8 @@ BEGIN
 END
 $$;
 
+DROP FUNCTION IF EXISTS memory_migration_analyze();
+
 COMMENT ON TABLE memory_relationships IS 'unified-memory 016: NeuroVault links between memories';
 
 COMMIT;

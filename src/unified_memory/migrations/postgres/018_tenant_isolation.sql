@@ -205,6 +205,25 @@ BEGIN
 END
 $$;
 
+-- 5. Statistics: before PostgreSQL 17 only a table's owner may ANALYZE it, and the migration's anti-joins and
+--    the validator's plans need fresh statistics. This owner's function does only that, for the maintenance role.
+DO $$
+BEGIN
+    EXECUTE format($f$CREATE OR REPLACE FUNCTION memory_migration_analyze() RETURNS VOID
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %I, pg_catalog, pg_temp AS
+        'BEGIN ANALYZE memories; ANALYZE memory_migration_quarantine; END'$f$, current_schema());
+END
+$$;
+COMMENT ON FUNCTION memory_migration_analyze() IS 'unified-memory 018: ANALYZE memories and the quarantine as their owner';
+REVOKE ALL ON FUNCTION memory_migration_analyze() FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_maintenance') THEN
+        GRANT EXECUTE ON FUNCTION memory_migration_analyze() TO unified_memory_maintenance;
+    END IF;
+END
+$$;
+
 COMMENT ON TABLE memory_relationships IS 'unified-memory 016: NeuroVault links between memories (018: tenant-isolated)';
 
 COMMIT;
