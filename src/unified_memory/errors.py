@@ -33,6 +33,10 @@ class NotFound(UnifiedMemoryError):
     """A memory the tenant asked for does not exist or is not the tenant's (the same answer, on purpose)."""
 
 
+class StaleVersion(UnifiedMemoryError):
+    """An update named the version it expected, and the memory has moved on since."""
+
+
 class DatabaseUnavailable(UnifiedMemoryError):
     """The database could not be reached; trying again later may work."""
 
