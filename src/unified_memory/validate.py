@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import contract, privileges, reconcile
+from . import contract, isolation, privileges, reconcile
 from .backup import BackupManifest
 from .db import analyze, maintenance, relation_exists, scalar
 from .errors import ShapeError
@@ -317,11 +317,15 @@ def isolation_checks(conn: psycopg.Connection) -> list[Check]:
         "WHERE relnamespace = current_schema()::regnamespace AND relname = ANY(%s)", [list(contract.RLS_TABLES)])}
     problems = [f"row-level security is {'not forced' if flags.get(t, (False,))[0] else 'disabled'} on {t}"
                 for t in contract.RLS_TABLES if flags.get(t) != (True, True)]
-    checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories and the log")]
+    checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories, the log and "
+                       "the relationships")]
     owners = scalar(conn, "SELECT count(*) FROM memories WHERE user_id IS NULL OR btrim(user_id) = ''")
     checks.append(_verdict("isolation.owners", [f"{owners} memories have no owner"] if owners else [],
                            "every memory has an owner"))
     checks.append(_sessions(conn))
+    for finding in (isolation.reachable(conn), isolation.reserved_columns(conn), isolation.audit_append_only(conn),
+                    isolation.probes(conn)):
+        checks.append(_verdict(finding.name, finding.problems, finding.ok, finding.evidence))
     return checks
 
 
