@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=200)
     parser.add_argument("--per-tenant", type=int, default=250)
     parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--search-ops", type=int, default=300, help="Operations per side for search (slower).")
     parser.add_argument("--only", choices=list(OPS), action="append", help="Measure only these operations.")
     args = parser.parse_args()
     server = server_dsn(args.dsn)
@@ -123,7 +124,7 @@ def main() -> None:
                 if args.only and name not in args.only:
                     continue
                 paired(sides, op, users, max(args.ops // 10, 10))  # warm up: plans, caches, pool
-                lat = paired(sides, op, users, args.ops)
+                lat = paired(sides, op, users, args.search_ops if name == "search" else args.ops)
                 med = {s: statistics.median(v) for s, v in lat.items()}
                 mean_rate = {s: len(v) / sum(v) for s, v in lat.items()}
                 print(f"| {name} | {1 / med['direct']:,.0f} ops/s | {1 / med['store']:,.0f} ops/s | "

@@ -37,6 +37,7 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                      {"isolation.reserved_columns", "isolation.probes"}),
     "audit_deletable_by_maintenance": (("GRANT DELETE ON memory_access_log TO unified_memory_maintenance",),
                                        {"isolation.audit_append_only"}),
+    "schema_creatable": (("GRANT CREATE ON SCHEMA public TO unified_memory_app",), {"isolation.reachable"}),
     "truncate_granted": (("GRANT TRUNCATE ON memories TO unified_memory_app",), {"isolation.reachable"}),
     "unprotected_table": (("CREATE TABLE notes_of_everyone (note text)",
                            "GRANT SELECT ON notes_of_everyone TO unified_memory_app"), {"isolation.reachable"}),

@@ -80,6 +80,10 @@ def reachable(conn: psycopg.Connection) -> Finding:
             found.problems.append(f"{label}: a view the application can read runs as its owner (no security_invoker)")
         found.problems += [f"{label}: {APP_ROLE} holds {p}, which bypasses row-level security"
                            for p in privileges if p in _BYPASSING]
+    creatable = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(current_schemas(false)) "
+                             "AND has_schema_privilege(%s, oid, 'CREATE')", [APP_ROLE]).fetchall()
+    found.problems += [f"schema {r[0]}: {APP_ROLE} can CREATE objects there that could shadow ours "
+                       f"(REVOKE CREATE ON SCHEMA {r[0]} FROM PUBLIC)" for r in creatable]
     functions = conn.execute(_FUNCTIONS, {"role": APP_ROLE}).fetchall()
     found.problems += [f"function {sig} runs as its owner (SECURITY DEFINER) and the application can call it"
                        for sig, definer in functions if definer]

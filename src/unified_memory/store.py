@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -121,7 +121,7 @@ class Store:
     def tenant(self, user_id: str, org_id: str | None = None) -> Iterator[Tenant]:
         """One transaction as ``user_id`` (in ``org_id``): committed at the end, rolled back on an error."""
         _check_tenant(user_id, org_id)
-        with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+        with self.pool.connection() as conn, _pipelined(conn), conn.transaction():
             conn.execute(_DECLARE, [APP_ROLE, user_id, org_id or ""])
             yield Tenant(conn, user_id, org_id, self.vectors)
 
@@ -255,6 +255,11 @@ class Tenant:
         except psycopg.errors.NoDataFound as exc:
             raise NotFound(exc.diag.message_primary or "memory not found") from None
         return tuple(row) if row else ()
+
+
+def _pipelined(conn: psycopg.Connection) -> AbstractContextManager[Any]:
+    """Pipeline mode (libpq 14+): BEGIN, the declaration and the first statement travel in one round trip."""
+    return conn.pipeline() if psycopg.Pipeline.is_supported() else nullcontext()
 
 
 def _check_tenant(user_id: str, org_id: str | None) -> None:
