@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from unified_memory import fixtures
+from unified_memory import fixtures, schema
 from unified_memory.backup import backup
 from unified_memory.migrate import MigrationOptions, migrate
 from unified_memory.rollback import rollback
@@ -80,3 +80,23 @@ def test_infinite_and_absurd_legacy_times_are_normalised_with_the_original_kept(
     assert by_text["x"]["now_ish"]
     report = validate(unified)
     assert [c.name for c in report.failed() if not c.name.startswith("indexes.")] == []  # tiny table: plans vary
+
+
+def test_provenance_written_before_018_by_anyone_but_the_migration_is_not_believed(conn: psycopg.Connection,
+                                                                                   tmp_path: Path) -> None:
+    schema.up(conn, target="017")
+    _items_i3(conn)
+    conn.execute("INSERT INTO memories (user_id, text, source_table, source_key, migrated_at) VALUES "
+                 "('mallory', 'squat', 'memory_items', 'mem-1', now())")
+    schema.up(conn)
+    cur = conn.cursor(row_factory=dict_row)
+    squat = cur.execute("SELECT source_table, meta -> 'legacy' -> 'forged_provenance' ->> 'source_key' AS key "
+                        "FROM memories WHERE user_id = 'mallory'").fetchone()
+    assert squat == {"source_table": None, "key": "mem-1"}
+    path = tmp_path / "before.umbk"
+    backup(conn, path)
+    migrate(conn, MigrationOptions(tables=("memory_items",)))
+    bob = cur.execute("SELECT user_id FROM memories WHERE source_table = 'memory_items' AND source_key = 'mem-1'")
+    assert bob.fetchone() == {"user_id": "bob"}
+    rollback(conn, path, yes=True)
+    assert cur.execute("SELECT count(*) AS n FROM memories WHERE user_id = 'mallory'").fetchone() == {"n": 1}

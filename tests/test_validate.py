@@ -36,7 +36,7 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                           {"reconciliation.content.long_term_memory"}),
     "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls"}),
     "rls_disabled": (("ALTER TABLE memory_access_log DISABLE ROW LEVEL SECURITY",),
-                     {"isolation.rls", "isolation.sessions"}),
+                     {"isolation.rls", "isolation.sessions", "isolation.probes"}),
     "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes"}),
     "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(p_created_at TIMESTAMPTZ, "
                            "p_neuro_type TEXT, p_importance INTEGER DEFAULT 5, p_access_count INTEGER DEFAULT 0) "
@@ -61,7 +61,7 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "owner_blanked": (("ALTER TABLE memories DROP CONSTRAINT memories_user_id_not_blank",
                        "UPDATE memories SET user_id = ' ' WHERE id = "
                        "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)"),
-                      {"isolation.owners", "reconciliation.content.memory_entries"}),
+                      {"isolation.owners", "reconciliation.content.memory_entries", "isolation.probes"}),
 }
 
 
@@ -151,4 +151,6 @@ def test_without_the_schema_validation_fails_clearly_and_health_says_why(conn: p
         health(conn)
     for mf in schema.discover()[:1]:  # 016 alone: the unified tables, without the migration's bookkeeping
         schema.up(conn, target=mf.version)
-    assert [c.name for c in validate(conn).failed()] == ["schema.bookkeeping"]
+    # and without 018's isolation: the access log's non-blank user check and the relationships' policy
+    assert [c.name for c in validate(conn).failed()] == ["schema.constraints", "schema.policies",
+                                                         "schema.bookkeeping"]

@@ -20,9 +20,9 @@ def _opened(policy: str, table: str) -> tuple[str, ...]:
 # how to break isolation -> the isolation checks that must fail (and no other isolation check)
 BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "relationships_rls_not_forced": (("ALTER TABLE memory_relationships NO FORCE ROW LEVEL SECURITY",),
-                                     {"isolation.rls", "isolation.reachable"}),
+                                     {"isolation.rls"}),
     "relationships_rls_disabled": (("ALTER TABLE memory_relationships DISABLE ROW LEVEL SECURITY",),
-                                   {"isolation.rls", "isolation.reachable", "isolation.probes"}),
+                                   {"isolation.rls", "isolation.probes"}),
     "relationships_policy_opened": (_opened("memory_relationships_tenant_isolation", "memory_relationships"),
                                     {"isolation.probes"}),
     "relationships_policy_dropped": (("DROP POLICY memory_relationships_tenant_isolation ON memory_relationships",),

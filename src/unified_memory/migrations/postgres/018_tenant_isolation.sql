@@ -9,6 +9,7 @@
 --   4. update_memory_access, create_memory_relationship, soft_delete_memory with the first implementation's
 --      parameter names, and no existence oracle (a foreign id and a missing id give the same answer).
 --   5. What unified_memory_maintenance needs (017 tables and sequences, legacy tables, a staging schema).
+--   6. Provenance no migration run wrote (the application could, before 018) is set aside, not believed.
 -- Atomic and idempotent like 016/017: run after them. Needs PostgreSQL 12+.
 
 BEGIN;
@@ -204,6 +205,37 @@ BEGIN
     REVOKE UPDATE, DELETE, TRUNCATE, TRIGGER, REFERENCES ON memory_access_log FROM PUBLIC;
 END
 $$;
+
+-- 4b. Provenance written before 018 by anyone but the migration (the application could then) is not believed:
+--     a migrated row's migrated_at lies inside one of the run ledger's runs. Other rows keep their data and
+--     lose the provenance, moved to meta.legacy.forged_provenance, so that they neither count as migrated nor
+--     get deleted by a rollback. Row-level security is lifted for this one statement (a non-superuser owner
+--     would otherwise update nothing, silently).
+ALTER TABLE memories NO FORCE ROW LEVEL SECURITY;
+DO $$
+DECLARE
+    moved BIGINT;
+BEGIN
+    WITH forged AS (
+        UPDATE memories m
+        SET meta = jsonb_set(m.meta, '{legacy}', coalesce(m.meta -> 'legacy', '{}') || jsonb_build_object(
+                       'forged_provenance', jsonb_build_object('source_table', m.source_table,
+                                                               'source_key', m.source_key,
+                                                               'migrated_at', m.migrated_at))),
+            source_table = NULL, source_key = NULL, migrated_at = NULL
+        WHERE m.source_table IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM memory_migration_runs r
+                          WHERE m.migrated_at >= r.started_at
+                            AND m.migrated_at <= coalesce(r.finished_at, 'infinity'::timestamptz))
+        RETURNING 1)
+    SELECT count(*) INTO moved FROM forged;
+    IF moved > 0 THEN
+        RAISE WARNING '% memories carried provenance that no migration run wrote: moved to meta.legacy.forged_provenance',
+            moved;
+    END IF;
+END
+$$;
+ALTER TABLE memories FORCE ROW LEVEL SECURITY;
 
 -- 5. Statistics: before PostgreSQL 17 only a table's owner may ANALYZE it, and the migration's anti-joins and
 --    the validator's plans need fresh statistics. This owner's function does only that, for the maintenance role.
