@@ -71,16 +71,17 @@ def _expires() -> str:
     return ("calculate_expires_at(decay_tier, CASE WHEN %(expiry)s = 'created' THEN created_at ELSE now() END)")
 
 
-def _taken_by_another_tenant(m: TableMapping) -> sql.Composed:
-    """The mapped id is held by a memory the migration did not write, of another tenant (an application row)."""
+def _squatter(m: TableMapping) -> sql.Composed:
+    """A lateral join finding a memory the migration did not write, of another tenant, at the mapped id."""
     org = sql.SQL("mapped.org_id" if "org_id" in m.columns else "NULL::varchar")
-    return sql.SQL("EXISTS (SELECT 1 FROM memories x WHERE x.id = mapped.id AND x.source_table IS NULL "
-                   "AND (x.user_id, x.org_id) IS DISTINCT FROM (mapped.user_id, {}))").format(org)
+    return sql.SQL("LEFT JOIN LATERAL (SELECT true AS taken FROM memories x WHERE x.id = mapped.id "
+                   "AND x.source_table IS NULL AND (x.user_id, x.org_id) IS DISTINCT FROM (mapped.user_id, {})) "
+                   "squat ON true").format(org)
 
 
-def _inserted(m: TableMapping, names: list[str]) -> sql.Composable:
+def _inserted(names: list[str]) -> sql.Composable:
     """The INSERT's select list: an id another tenant's row squats is replaced, the original kept in meta.legacy."""
-    taken = _taken_by_another_tenant(m)
+    taken = sql.SQL("squat.taken IS NOT NULL")
     picks = {
         "id": sql.SQL("CASE WHEN {} THEN gen_random_uuid() ELSE mapped.id END").format(taken),
         "meta": sql.SQL("CASE WHEN {} THEN jsonb_set(mapped.meta, '{{legacy}}', coalesce(mapped.meta -> 'legacy', "
@@ -94,7 +95,7 @@ def batch(m: TableMapping) -> sql.Composed:
     """The statement that migrates one batch and returns (rows, items, migrated, vectors, reasons jsonb)."""
     columns = m.column_sql()
     targets = sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
-    inserted = _inserted(m, [name for name, _ in columns])
+    inserted = _inserted([name for name, _ in columns])
     exprs = sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in columns)
     embedding = sql.SQL(m.embedding or "NULL::real[]")
     table = sql.Literal(m.table)
@@ -111,7 +112,7 @@ mapped AS (
 ),
 ins AS (
     INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at)
-    SELECT {inserted}, {expires}, {table}, source_key, now() FROM mapped WHERE reason IS NULL
+    SELECT {inserted}, {expires}, {table}, source_key, now() FROM mapped {squat} WHERE reason IS NULL
     ON CONFLICT DO NOTHING
     RETURNING id, source_key
 ),
@@ -133,7 +134,7 @@ SELECT {rows}, {items}, (SELECT count(*) FROM ins), (SELECT count(*) FROM vector
             (SELECT reason, count(*) AS n FROM (SELECT reason FROM item_q {row_q_union}) u GROUP BY reason) g)
 """).format(
         prelude=prelude, key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()),
-        embedding=embedding, exprs=exprs, source=source, targets=targets, inserted=inserted,
+        embedding=embedding, exprs=exprs, source=source, targets=targets, inserted=inserted, squat=_squatter(m),
         expires=sql.SQL(_expires()),
         table=table, row_q=row_q, rows=rows, items=items,
         row_q_union=sql.SQL("UNION ALL SELECT reason FROM row_q") if m.expands else sql.SQL(""),
