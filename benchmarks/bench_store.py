@@ -127,8 +127,8 @@ def main() -> None:
                 lat = paired(sides, op, users, args.search_ops if name == "search" else args.ops)
                 med = {s: statistics.median(v) for s, v in lat.items()}
                 mean_rate = {s: len(v) / sum(v) for s, v in lat.items()}
-                print(f"| {name} | {1 / med['direct']:,.0f} ops/s | {1 / med['store']:,.0f} ops/s | "
-                      f"{mean_rate['store']:,.0f} | {mean_rate['direct']:,.0f} | "
+                print(f"| {name} | {1 / med['direct']:,.3g} ops/s | {1 / med['store']:,.3g} ops/s | "
+                      f"{mean_rate['store']:,.3g} | {mean_rate['direct']:,.3g} | "
                       f"{(med['store'] / med['direct'] - 1) * 100:+.1f}% |", flush=True)
         client.close()
 
