@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -45,21 +46,39 @@ def test_applies_on_an_empty_database_twice_and_the_second_time_changes_nothing(
     before = snapshot(conn)
     assert schema.up(conn).files == []
     for mf in schema.discover():
+        if mf.version in _RENAMED_BY_018:
+            continue
         _psql_apply(dsn, mf.path)  # by hand, with psql, over the tool's run
     assert snapshot(conn) == before
     assert any(r[1] == "memories" for r in before["relations"])
 
 
+# 018 renames the parameters of three functions 016 creates (the first implementation's names), and a
+# parameter cannot be renamed by CREATE OR REPLACE: 016 re-run by hand over 018 stops there and changes nothing.
+_RENAMED_BY_018 = ("016",)
+
+
+def test_016_run_again_by_hand_over_018_is_refused_and_changes_nothing(dsn: str, unified: psycopg.Connection) -> None:
+    before = snapshot(unified)
+    done = subprocess.run([_psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f",
+                           str(schema.discover()[0].path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "cannot change name of input parameter" in done.stderr
+    assert snapshot(unified) == before
+
+
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "-".join(s.values()))
-def test_applies_over_every_legacy_shape_by_tool_and_by_psql(dsn: str, shapes: dict[str, str]) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+def test_applies_over_every_legacy_shape_by_tool_and_by_psql(new_database: Callable[[], str],
+                                                             shapes: dict[str, str]) -> None:
+    by_psql, by_tool = new_database(), new_database()
+    with psycopg.connect(by_psql, autocommit=True) as conn, psycopg.connect(by_tool, autocommit=True) as tool:
         fixtures.create(conn, rows=50, shapes=shapes)
+        fixtures.create(tool, rows=50, shapes=shapes)
         for mf in schema.discover():
-            _psql_apply(dsn, mf.path)
-            _psql_apply(dsn, mf.path)
+            _psql_apply(by_psql, mf.path)
+            _psql_apply(by_psql, mf.path)
         after_psql = snapshot(conn)
-        schema.up(conn)
-        assert snapshot(conn) == after_psql
+        schema.up(tool)
+        assert snapshot(tool) == after_psql
         assert conn.execute("SELECT count(*) FROM memory_items").fetchone() == (50,)
 
 

@@ -36,7 +36,7 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
                                           {"reconciliation.content.long_term_memory"}),
     "rls_not_forced": (("ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",), {"isolation.rls", "schema.drift"}),
     "rls_disabled": (("ALTER TABLE memory_access_log DISABLE ROW LEVEL SECURITY",),
-                     {"isolation.rls", "isolation.sessions", "schema.drift"}),
+                     {"isolation.rls", "isolation.sessions", "isolation.probes", "schema.drift"}),
     "index_dropped": (("DROP INDEX idx_memories_importance_decay",), {"schema.indexes", "schema.drift"}),
     "function_replaced": (("CREATE OR REPLACE FUNCTION calculate_decay_score(memory_created_at TIMESTAMPTZ, "
                            "memory_neuro_type TEXT DEFAULT 'episodic', memory_importance_score INTEGER DEFAULT 5, "
@@ -62,7 +62,8 @@ BREAKAGES: dict[str, tuple[tuple[str, ...], set[str]]] = {
     "owner_blanked": (("ALTER TABLE memories DROP CONSTRAINT memories_user_id_not_blank",
                        "UPDATE memories SET user_id = ' ' WHERE id = "
                        "(SELECT id FROM memories WHERE source_table = 'memory_entries' ORDER BY id LIMIT 1)"),
-                      {"isolation.owners", "reconciliation.content.memory_entries", "schema.drift"}),
+                      {"isolation.owners", "reconciliation.content.memory_entries", "isolation.probes",
+                       "schema.drift"}),
 }
 
 
@@ -152,4 +153,6 @@ def test_without_the_schema_validation_fails_clearly_and_health_says_why(conn: p
         health(conn)
     for mf in schema.discover()[:1]:  # 016 alone: the unified tables, without the migration's bookkeeping
         schema.up(conn, target=mf.version)
-    assert [c.name for c in validate(conn).failed()] == ["schema.bookkeeping"]
+    # and without 018's isolation: the access log's non-blank user check and the relationships' policy
+    assert [c.name for c in validate(conn).failed()] == ["schema.constraints", "schema.policies",
+                                                         "schema.bookkeeping"]

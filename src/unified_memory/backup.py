@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from . import __version__, locks
+from . import __version__, locks, privileges
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, check_directory, clean_leftovers, read_records
 from .db import relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
@@ -206,6 +206,7 @@ def backup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None,
     """
     if copy_format not in COPY_FORMATS:
         raise ConfigError(f"unknown COPY format {copy_format!r}; use one of {', '.join(COPY_FORMATS)}")
+    privileges.require(conn, "backup", legacy=[t for t in tables if t in privileges.present_legacy_tables(conn)])
     started = time.monotonic()
     check_directory(path.parent)
     for name in clean_leftovers(path.parent, BACKUP_PREFIX):

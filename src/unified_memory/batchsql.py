@@ -89,19 +89,40 @@ def _expires(m: TableMapping) -> sql.Composable:
                    "ELSE now() END)")
 
 
+def _squatter(m: TableMapping) -> sql.Composed:
+    """A lateral join finding a memory the migration did not write, of another tenant, at the mapped id."""
+    org = sql.SQL("mapped.org_id" if "org_id" in m.columns else "NULL::varchar")
+    return sql.SQL("LEFT JOIN LATERAL (SELECT true AS taken FROM memories x WHERE x.id = mapped.id "
+                   "AND x.source_table IS NULL AND (x.user_id, x.org_id) IS DISTINCT FROM (mapped.user_id, {})) "
+                   "squat ON true").format(org)
+
+
+def _inserted(names: list[str]) -> sql.Composable:
+    """The INSERT's select list: an id another tenant's row squats is replaced, the original kept in meta.legacy."""
+    taken = sql.SQL("squat.taken IS NOT NULL")
+    picks = {
+        "id": sql.SQL("CASE WHEN {} THEN gen_random_uuid() ELSE mapped.id END").format(taken),
+        "meta": sql.SQL("CASE WHEN {} THEN jsonb_set(mapped.meta, '{{legacy}}', coalesce(mapped.meta -> 'legacy', "
+                        "'{{}}') || jsonb_build_object('id_in_use', mapped.id)) ELSE mapped.meta END").format(taken),
+    }
+    return sql.SQL(", ").join(picks[n] if n in picks else sql.SQL("mapped.{}").format(sql.Identifier(n))
+                              for n in names)
+
+
 def _insert_memories(m: TableMapping, source: sql.Composable, *, conflict: bool = True) -> sql.Composed:
     """``INSERT INTO memories`` of the source's good rows (``source`` binds ``s``), returning (id, source_key).
     ``OFFSET 0`` keeps the mapped row a subquery: its columns are computed once, not again in ``expires_at``."""
     columns = m.column_sql()
     targets = sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
+    inserted = _inserted([name for name, _ in columns])
     exprs = sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.SQL(e), sql.Identifier(n)) for n, e in columns)
     return sql.SQL(
         "INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at) "
-        "SELECT {targets}, {expires}, {table}, mapped.um_source_key, now() FROM "
-        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL OFFSET 0) mapped "
+        "SELECT {inserted}, {expires}, {table}, mapped.um_source_key, now() FROM "
+        "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL OFFSET 0) mapped {squat} "
         "{conflict} RETURNING id, source_key"
-    ).format(targets=targets, expires=_expires(m), table=sql.Literal(m.table), exprs=exprs, key=sql.SQL(m.key),
-             source=source, reason=sql.SQL(m.reason_sql()),
+    ).format(targets=targets, inserted=inserted, expires=_expires(m), table=sql.Literal(m.table), exprs=exprs,
+             key=sql.SQL(m.key), source=source, reason=sql.SQL(m.reason_sql()), squat=_squatter(m),
              conflict=sql.SQL("ON CONFLICT DO NOTHING") if conflict else sql.SQL(""))
 
 

@@ -93,6 +93,7 @@ CONSTRAINTS: dict[str, str] = {
     "memories_neuro_type_vocab": "memories", "memories_decay_lambda_range": "memories",
     "memories_importance_decay_range": "memories", "memories_source_unique": "memories",
     "memory_access_log_type_vocab": "memory_access_log", "memory_relationships_no_self": "memory_relationships",
+    "memory_access_log_user_id_not_blank": "memory_access_log",
     "memory_relationships_unique": "memory_relationships",
     "memory_relationships_confidence_range": "memory_relationships",
 }
@@ -125,6 +126,7 @@ VIEWS: dict[str, tuple[str, ...]] = {  # view -> tables it must read
     "memory_audit_summary": ("memory_access_log",),
 }
 POLICIES: dict[str, str] = {"memories_tenant_isolation": "memories",
-                            "memory_access_log_tenant_isolation": "memory_access_log"}
-RLS_TABLES = ("memories", "memory_access_log")
+                            "memory_access_log_tenant_isolation": "memory_access_log",
+                            "memory_relationships_tenant_isolation": "memory_relationships"}
+RLS_TABLES = ("memories", "memory_access_log", "memory_relationships")
 APP_ROLE = "unified_memory_app"

@@ -238,6 +238,23 @@ def maintenance(conn: psycopg.Connection) -> Iterator[None]:
             conn.execute("RESET row_security")
 
 
+def analyze(conn: psycopg.Connection) -> None:
+    """ANALYZE memories and the quarantine: as their owner directly, else through 018's owner function.
+
+    Before PostgreSQL 17 only a table's owner may analyze it; a maintenance login would be skipped (a warning)
+    and leave the planner with the statistics of an empty table.
+    """
+    owner = scalar(conn, "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
+                         "WHERE oid = to_regclass('memories')")
+    function = scalar(conn, "SELECT has_function_privilege(p.oid, 'EXECUTE') FROM pg_proc p "
+                            "WHERE p.proname = 'memory_migration_analyze' "
+                            "AND p.pronamespace = current_schema()::regnamespace")
+    if not owner and function:
+        conn.execute("SELECT memory_migration_analyze()")
+    else:
+        conn.execute("ANALYZE memories, memory_migration_quarantine")
+
+
 def fresh_database(target: Target, name: str) -> Target:
     """Drop and create database ``name`` on ``target``'s server; a target for it (the demo's sandbox)."""
     with connect(target) as admin:

@@ -23,6 +23,22 @@ class ConfigError(UnifiedMemoryError):
     exit_code = 2
 
 
+class MissingPrivilege(ConfigError):
+    """The role running a command lacks a privilege it needs; ``grants`` are the statements that fix it."""
+
+    def __init__(self, message: str, *, grants: list[str]) -> None:
+        super().__init__(message)
+        self.grants = grants
+
+
+class NotFound(UnifiedMemoryError):
+    """A memory the tenant asked for does not exist or is not the tenant's (the same answer, on purpose)."""
+
+
+class StaleVersion(UnifiedMemoryError):
+    """An update named the version it expected, and the memory has moved on since."""
+
+
 class DatabaseUnavailable(UnifiedMemoryError):
     """The database could not be reached; trying again later may work."""
 

@@ -100,6 +100,22 @@ def naive(column: str) -> str:
     return f"(s.{column} AT TIME ZONE %(tz)s)"
 
 
+# Legacy times outside these bounds (infinity, -infinity, year 0044 or 20000) are not kept as the memory's time:
+# the decay arithmetic and the tenant's views must never meet them. The original text goes to meta.legacy.
+TIME_BOUNDS = ("timestamptz '1900-01-01 00:00:00+00'", "timestamptz '2200-01-01 00:00:00+00'")
+
+
+def in_bounds(expr: str) -> str:
+    """A legacy time inside ``TIME_BOUNDS``, else NULL (the column's default then applies)."""
+    low, high = TIME_BOUNDS
+    return f"CASE WHEN ({expr}) >= {low} AND ({expr}) < {high} THEN ({expr}) END"
+
+
+def out_of_bounds(expr: str) -> str:
+    """The original text of a legacy time outside ``TIME_BOUNDS`` (NULL when it is inside or NULL)."""
+    return f"CASE WHEN ({expr}) IS NOT NULL AND ({in_bounds(expr)}) IS NULL THEN ({expr})::text END"
+
+
 def json_array(expr: str) -> Column:
     """Tags as a JSON array: arrays kept, a string wrapped, anything else [] (original kept)."""
     return Column(expr, keep_as="tags", transform="CASE jsonb_typeof({x}) WHEN 'array' THEN {x} "
@@ -178,14 +194,14 @@ _ITEMS_I1 = TableMapping(
         "org_id": Column("NULL::varchar"),
         "text": Column("s.content"),
         "memory_type": Column("s.kind", vocab=MEMORY_TYPES, default="general", keep_as="kind"),
-        "created_at": Column(naive("created_at"), default="now()"),
+        "created_at": Column(in_bounds(naive("created_at")), default="now()"),
         "conversation_id": Column(_CONVO_SCOPE),
         "neuro_type": fixed("semantic"),
         "decay_tier": fixed("medium"),
         "importance": fixed("5"),
     },
     meta="s.metadata",
-    legacy={"scope": "s.scope"},
+    legacy={"scope": "s.scope", "created_at_out_of_range": out_of_bounds(naive("created_at"))},
     quarantine=_COMMON_QUARANTINE + (("missing_owner", f"({_USER_SCOPE}) IS NULL"),),
     size="octet_length(s.content) + coalesce(pg_column_size(s.metadata), 0)",
     embedding="s.embedding::real[]",
@@ -204,7 +220,7 @@ _ITEMS_I2 = TableMapping(
         "neuro_type": Column("s.neuro_type", vocab=NEURO_TYPES, default="semantic", keep_as="neuro_type"),
         "importance": importance("s.importance_score", 5),
         "access_count": Column("greatest(s.access_count, 0)", default="0"),
-        "last_accessed": Column("s.last_accessed"),
+        "last_accessed": Column(in_bounds("s.last_accessed")),
         "session_id": Column("s.session_id"),
         "ui_source": Column("s.ui_source", vocab=UI_SOURCES, default="api", keep_as="ui_source"),
         "ai_generated": Column("s.ai_generated", default="false"),
@@ -215,7 +231,8 @@ _ITEMS_I2 = TableMapping(
                                    "THEN least(greatest(s.importance_decay, 0), 1) END", default="1.0"),
     },
     meta="s.metadata",
-    legacy={"scope": "s.scope", "kind": "s.kind"},
+    legacy={"scope": "s.scope", "kind": "s.kind", "created_at_out_of_range": out_of_bounds(naive("created_at")),
+            "last_accessed_out_of_range": out_of_bounds("s.last_accessed")},
     quarantine=_COMMON_QUARANTINE + (("missing_owner", f"({_I2_OWNER}) IS NULL"),),
     size=_ITEMS_I1.size,
     embedding="s.embedding::real[]",
@@ -232,7 +249,7 @@ _ITEMS_I3 = TableMapping(
         "org_id": Column("s.tenant_id"),
         "text": Column("s.content"),
         "memory_type": Column("s.kind", vocab=MEMORY_TYPES, default="general", keep_as="kind"),
-        "created_at": Column(naive("created_at"), default="now()"),
+        "created_at": Column(in_bounds(naive("created_at")), default="now()"),
         "conversation_id": Column(_CONVO_SCOPE),
         "neuro_type": fixed("semantic"),
         "decay_tier": fixed("medium"),
@@ -240,6 +257,7 @@ _ITEMS_I3 = TableMapping(
     },
     meta="s.metadata",
     legacy={"memory_id": "s.memory_id", "scope": "s.scope", "source": "s.source",
+            "created_at_out_of_range": out_of_bounds(naive("created_at")),
             "updated_at": naive("updated_at"), "expires_at": naive("expires_at")},
     quarantine=_COMMON_QUARANTINE + (("missing_owner", f"({_I3_OWNER}) IS NULL"),),
     size=_ITEMS_I1.size,
@@ -260,15 +278,17 @@ _ENTRIES_E1 = TableMapping(
         "session_id": Column("s.session_id"),
         "conversation_id": Column("s.conversation_id"),
         "access_count": Column("greatest(s.access_count, 0)", default="0"),
-        "last_accessed": Column(naive("last_accessed")),
+        "last_accessed": Column(in_bounds(naive("last_accessed"))),
         "ai_generated": Column("s.ai_generated", default="false"),
         "user_confirmed": Column("s.user_confirmed", default="true"),
-        "created_at": Column(naive("created_at"), default="now()"),
+        "created_at": Column(in_bounds(naive("created_at")), default="now()"),
         "neuro_type": fixed("episodic"),
         "decay_tier": fixed("short"),
     },
     meta="s.memory_metadata",
-    legacy={"vector_id": "s.vector_id", "embedding_id": "s.embedding_id", "query": "s.query", "result": "s.result",
+    legacy={"created_at_out_of_range": out_of_bounds(naive("created_at")),
+            "last_accessed_out_of_range": out_of_bounds(naive("last_accessed")),
+            "vector_id": "s.vector_id", "embedding_id": "s.embedding_id", "query": "s.query", "result": "s.result",
             "ttl": naive("ttl"), "timestamp": "s.timestamp", "updated_at": naive("updated_at")},
     quarantine=_COMMON_QUARANTINE,
     size="octet_length(s.content) + coalesce(pg_column_size(s.memory_metadata), 0) "
@@ -289,11 +309,12 @@ def _web_ui(table: str, shape: str) -> TableMapping:
             "tags": json_array("s.tags"),
             "session_id": Column("s.session_id"),
             "ai_generated": Column("s.ai_generated", default="false"),
-            "created_at": Column("s.created_at", default="now()"),
+            "created_at": Column(in_bounds("s.created_at"), default="now()"),
             "neuro_type": fixed("episodic"),
             "decay_tier": fixed("short"),
         },
         meta="s.metadata",
+        legacy={"created_at_out_of_range": out_of_bounds("s.created_at")},
         quarantine=_COMMON_QUARANTINE + (("missing_owner", "s.user_id IS NULL"),),
         size="octet_length(s.content) + coalesce(pg_column_size(s.metadata), 0) + pg_column_size(s.tags)",
     )
@@ -315,7 +336,7 @@ _LONG_TERM = TableMapping(
         "tags": json_array("(s.item -> 'tags')"),
         "importance": Column("s.item -> 'importance'", transform=_LT_IMPORTANCE, keep_as="importance"),
         "memory_type": Column("s.item ->> 'type'", vocab=MEMORY_TYPES, default="general", keep_as="type"),
-        "created_at": Column(_LT_TIME, default="now()"),
+        "created_at": Column(in_bounds(_LT_TIME), default="now()"),
         "neuro_type": fixed("semantic"),
         "decay_tier": fixed("long"),
     },

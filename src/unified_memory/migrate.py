@@ -21,9 +21,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from . import batchsql, live, locks, ranges
+from . import batchsql, live, locks, privileges, ranges
 from .accounting import TableAccount, account
-from .db import custom_plans, maintenance, relation_exists, scalar
+from .db import analyze, custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, MigrationError, SchemaError, describe, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .parallel import MAX_JOBS, WORK_MEM, Phases, Workers, default_jobs, server_cores
@@ -145,6 +145,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
             present = {t: d for t, d in detected.items() if d is not None}
             for relation in present.values():
                 check_relation(conn, relation)
+            privileges.require(conn, "migrate", legacy=list(present))
         for table, found in detected.items():
             log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
         if not opts.dry_run:
@@ -185,7 +186,7 @@ def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, De
         with run.phases.timed("rebuild_indexes"):
             run.rebuilt_indexes = rebuild_deferred_indexes(conn, workers)
         with run.phases.timed("analyze"):
-            conn.execute("ANALYZE memories")
+            analyze(conn)
         with run.phases.timed("catch_up"):
             run.catch_up = live.catch_up(conn, live.Settings(opts.source_timezone, opts.expiry, opts.batch_size,
                                                              opts.pause_ms, run.run_id))
@@ -311,7 +312,7 @@ def ids_follow_keys(m: TableMapping) -> bool:
 
 def _refresh_statistics(conn: psycopg.Connection) -> None:
     """ANALYZE the outcome tables: the anti-joins that find pending rows go quadratic on stale estimates."""
-    conn.execute("ANALYZE memories, memory_migration_quarantine")
+    analyze(conn)
 
 
 def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object], tr: TableRun,
@@ -378,8 +379,9 @@ def _pending(conn: psycopg.Connection, m: TableMapping) -> int:
 def _defer_indexes(conn: psycopg.Connection) -> None:
     """When memories is empty, drop its secondary indexes for the load; their definitions are kept first."""
     with conn.transaction():
-        empty = scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM memories)")
-        if not empty:
+        empty = scalar(conn, "SELECT NOT EXISTS (SELECT 1 FROM memories) AND pg_has_role(current_user, "
+                           "(SELECT relowner FROM pg_class WHERE oid = 'memories'::regclass), 'USAGE')")
+        if not empty:  # only the owner may drop indexes: others load with them
             return
         indexes = conn.cursor(row_factory=dict_row).execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() "

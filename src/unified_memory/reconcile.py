@@ -29,6 +29,11 @@ _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
 _IN_SYNC = ("{m}.deleted_at IS NULL AND NOT EXISTS (SELECT 1 FROM memory_migration_conflicts c "
             "WHERE c.memory_id = {m}.id)")
 _CREATED_AT_DST = "CASE WHEN m.meta -> 'legacy' ? 'created_at_missing' THEN NULL ELSE m.created_at END"
+# A memory whose mapped id another tenant's application row held got a new id; the mapped one is in meta.legacy.
+_ID_DST = "coalesce((m.meta #>> '{legacy,id_in_use}')::uuid, m.id)"
+_META_DST = ("CASE WHEN NOT coalesce(m.meta -> 'legacy' ? 'id_in_use', false) THEN m.meta "
+             "WHEN (m.meta -> 'legacy') - 'id_in_use' = '{}'::jsonb THEN m.meta - 'legacy' "
+             "ELSE jsonb_set(m.meta, '{legacy}', (m.meta -> 'legacy') - 'id_in_use') END")
 
 
 @dataclass
@@ -73,7 +78,8 @@ def _source_hash(m: TableMapping) -> sql.Composable:
 
 
 def _memory_hash(m: TableMapping) -> sql.Composable:
-    cols = [sql.SQL(_CREATED_AT_DST) if c == "created_at" else sql.SQL("m.{}").format(sql.Identifier(c))
+    special = {"created_at": _CREATED_AT_DST, "id": _ID_DST, "meta": _META_DST}
+    cols = [sql.SQL(special[c]) if c in special else sql.SQL("m.{}").format(sql.Identifier(c))
             for c in _compared_columns(m)]
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(cols))
 

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import cutover, locks, restore
+from . import cutover, locks, privileges, restore
 from .backup import (
     DETERMINISTIC_SESSION,
     BackupManifest,
@@ -123,6 +123,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     tables = list(manifest.tables.values())
     try:
         with locks.hold(conn, "rollback", lock_wait), maintenance(conn), conn.transaction(force_rollback=dry_run):
+            privileges.require(conn, "rollback")
             conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
             conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
             for statement in DETERMINISTIC_SESSION:

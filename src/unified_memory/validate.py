@@ -19,10 +19,10 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import contract, drift, reconcile
+from . import contract, drift, isolation, privileges, reconcile
 from .backup import BackupManifest
 from .checks import FAIL, PASS, WARN, Check
-from .db import maintenance, relation_exists, scalar
+from .db import analyze, maintenance, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .parallel import Workers, default_jobs
@@ -70,6 +70,7 @@ def validate(conn: psycopg.Connection, *, manifest: BackupManifest | None = None
     started, began = time.monotonic(), datetime.now(UTC)
     report = ValidationReport()
     with maintenance(conn):
+        privileges.require(conn, "validate")
         _run_checks(conn, report, manifest, vectors)
         report.seconds = time.monotonic() - started
         record_run(conn, report, began)
@@ -346,11 +347,15 @@ def isolation_checks(conn: psycopg.Connection) -> list[Check]:
         "WHERE relnamespace = current_schema()::regnamespace AND relname = ANY(%s)", [list(contract.RLS_TABLES)])}
     problems = [f"row-level security is {'not forced' if flags.get(t, (False,))[0] else 'disabled'} on {t}"
                 for t in contract.RLS_TABLES if flags.get(t) != (True, True)]
-    checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories and the log")]
+    checks = [_verdict("isolation.rls", problems, "row-level security enabled and forced on memories, the log and "
+                       "the relationships")]
     owners = scalar(conn, "SELECT count(*) FROM memories WHERE user_id IS NULL OR btrim(user_id) = ''")
     checks.append(_verdict("isolation.owners", [f"{owners} memories have no owner"] if owners else [],
                            "every memory has an owner"))
     checks.append(_sessions(conn))
+    for finding in (isolation.reachable(conn), isolation.reserved_columns(conn), isolation.audit_append_only(conn),
+                    isolation.probes(conn)):
+        checks.append(_verdict(finding.name, finding.problems, finding.ok, finding.evidence))
     return checks
 
 
@@ -429,7 +434,7 @@ CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def index_checks(conn: psycopg.Connection) -> list[Check]:
     """EXPLAIN the canonical tenant queries after ANALYZE: each must use one of its intended indexes."""
-    conn.execute("ANALYZE memories")
+    analyze(conn)
     sample = conn.execute("SELECT user_id, coalesce(org_id, ''), memory_type FROM memories "
                           "ORDER BY org_id IS NULL, id LIMIT 1").fetchone() or ("nobody", "", "general")
     params = {"u": sample[0], "o": sample[1], "t": sample[2]}

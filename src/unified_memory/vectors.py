@@ -38,6 +38,7 @@ from psycopg.adapt import Loader
 from psycopg.pq import Format
 from psycopg.rows import class_row, dict_row, scalar_row
 
+from . import privileges
 from .checks import FAIL, PASS, WARN, Check
 from .db import custom_plans, maintenance, relation_exists, scalar
 from .embedders import Embedder
@@ -369,6 +370,7 @@ def sync(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, e
     result = SyncResult(spec.name)
     with _sync_lock(conn), maintenance(conn), custom_plans(conn), _milvus("syncing vectors"):
         require_compatible(client, spec)
+        privileges.require(conn, "vectors", legacy=())
         client.load_collection(spec.name)
         run = _Syncer(conn, client, spec, embedder, result, batch_size)
         if relation_exists(conn, "memory_vector_outbox"):
