@@ -104,6 +104,7 @@ BEGIN
         END $b$ $f$, v_schema, v_fn, v_table, v_old, v_new);
     EXECUTE format('COMMENT ON FUNCTION %I.%I() IS %L', v_schema, v_fn,
                    'unified-memory 020: change capture of ' || v_table);
+    EXECUTE format('REVOKE ALL ON FUNCTION %I.%I() FROM PUBLIC', v_schema, v_fn);  -- fired as a trigger only
     EXECUTE format('CREATE TRIGGER memory_migration_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION %I.%I()', p_table, v_schema, v_fn);
     -- TRUNCATE fires no row trigger: before it, every row still there is recorded as deleted
@@ -114,6 +115,7 @@ BEGIN
             RETURN NULL;
         END $b$ $f$, v_schema, v_fn || '_truncate', v_table,
         CASE WHEN p_key IS NULL THEN 't.ctid::text' ELSE format('t.%I::text', p_key) END, v_qualified);
+    EXECUTE format('REVOKE ALL ON FUNCTION %I.%I() FROM PUBLIC', v_schema, v_fn || '_truncate');
     EXECUTE format('CREATE TRIGGER memory_migration_capture_truncate BEFORE TRUNCATE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()', p_table, v_schema, v_fn || '_truncate');
     RETURN true;

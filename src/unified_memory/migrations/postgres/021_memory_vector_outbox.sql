@@ -84,12 +84,17 @@ BEGIN
 END
 $$;
 
--- The application writes memories (and so, through the triggers, the outbox); it never reads or empties it.
+-- The application writes memories; the triggers queue into the outbox as its owner (SECURITY DEFINER, a fixed
+-- search_path with pg_temp last), so the application role has no privilege on the outbox and cannot call them.
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_app') THEN
-        GRANT INSERT ON memory_vector_outbox TO unified_memory_app;
-    END IF;
+    ALTER FUNCTION memory_vector_outbox_row() SECURITY DEFINER;
+    ALTER FUNCTION memory_vector_outbox_gone() SECURITY DEFINER;
+    EXECUTE format('ALTER FUNCTION memory_vector_outbox_row() SET search_path = %I, pg_temp', current_schema());
+    EXECUTE format('ALTER FUNCTION memory_vector_outbox_gone() SET search_path = %I, pg_temp', current_schema());
+    REVOKE ALL ON FUNCTION memory_vector_outbox_row() FROM PUBLIC;
+    REVOKE ALL ON FUNCTION memory_vector_outbox_gone() FROM PUBLIC;
+    REVOKE ALL ON memory_vector_outbox FROM PUBLIC;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_maintenance') THEN
         GRANT ALL ON memory_vector_outbox TO unified_memory_maintenance;
     END IF;
