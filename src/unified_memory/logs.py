@@ -44,12 +44,17 @@ def third_party(*, verbose: bool) -> None:
     """
     global _verbose
     _verbose = verbose
-    if not verbose:
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    quiet_grpc()
     category = getattr(platformdirs, "RuntimeDirWarning", None)
     if category is not None and not verbose:
         warnings.filterwarnings("ignore", category=category)
     quiet_pymilvus()
+
+
+def quiet_grpc() -> None:
+    """gRPC's core reads GRPC_VERBOSITY once, when it is loaded: call before pymilvus (and gRPC) are imported."""
+    if not _verbose:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def quiet_pymilvus() -> None:

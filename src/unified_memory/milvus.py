@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+from .logs import quiet_grpc, quiet_pymilvus
+
+quiet_grpc()
 _hidden = os.environ.pop("MILVUS_URI", None)
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
@@ -17,8 +20,6 @@ finally:
     if _hidden is not None:
         os.environ["MILVUS_URI"] = _hidden
 
-from .logs import quiet_pymilvus  # noqa: E402  (after the import, which configures pymilvus' loggers)
-
-quiet_pymilvus()
+quiet_pymilvus()  # after the import, which configures pymilvus' loggers
 
 __all__ = ["DataType", "MilvusClient", "MilvusException"]
