@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # grpc's C core logs keepalive chatter on stderr otherwise
 _hidden = os.environ.pop("MILVUS_URI", None)
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
