@@ -101,8 +101,8 @@ _OUTBOX_ALL = _OUTBOX.format(sql.SQL(""))
 _OUTBOX_REMOVALS = _OUTBOX.format(sql.SQL("WHERE NOT EXISTS (SELECT FROM memories m WHERE m.id = o.memory_id AND {})"
                                           ).format(_LIVE))
 _OUTBOX_DONE = "DELETE FROM memory_vector_outbox WHERE seq = ANY(%s)"
-_EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL "
-            "AND (expires_at <= now() OR deleted_at IS NOT NULL) ORDER BY id LIMIT %s")
+_EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL AND expires_at IS NOT NULL "
+            "AND expires_at <= now() LIMIT %s")  # idx_memories_vector_expiry; deletions come through the outbox
 _POINT = ("UPDATE memories SET embedding_id = id::text WHERE id = ANY(%s::uuid[]) "
           "AND embedding_id IS DISTINCT FROM id::text")
 _UNPOINT = "UPDATE memories SET embedding_id = NULL WHERE id = ANY(%s::uuid[]) AND embedding_id IS NOT NULL"
