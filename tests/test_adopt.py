@@ -193,7 +193,7 @@ def test_recognised_by_shape_after_its_cleanup_migration_and_an_unknown_table_st
     assert schema.status(conn).adoptable == "no_ui_source_check"
     assert schema.up(conn).adoption is not None
     assert [c.name for c in validate(conn).failed() if c.name.startswith("schema.")] == []
-    schema.down(conn, steps=20)
+    schema.down(conn, steps=20, force=True)  # the bookkeeping holds rows; 016 is reverted, not dropped
     assert shape(conn) == found_shape
     after = rows(conn, "memories")
     assert all(after[k] == v for k, v in found_rows.items())

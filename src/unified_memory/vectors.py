@@ -96,10 +96,14 @@ _POINTED_BATCH = _select(sql.SQL("{} AND m.embedding_id IS NOT NULL").format(_AF
 _POINTED_SAMPLE = _select(sql.SQL("m.embedding_id IS NOT NULL"), sql.SQL("md5(m.id::text || %(seed)s)"))
 _PENDING_COUNT = sql.SQL("SELECT count(*) FROM memories m WHERE {} AND (%(full)s OR m.embedding_id IS NULL)").format(
     _LIVE)
-_OUTBOX = "SELECT seq, memory_id::text AS memory_id FROM memory_vector_outbox ORDER BY seq LIMIT %s"
+_OUTBOX = sql.SQL("SELECT o.seq, o.memory_id::text AS memory_id FROM memory_vector_outbox o {} ORDER BY o.seq "
+                  "LIMIT %s")
+_OUTBOX_ALL = _OUTBOX.format(sql.SQL(""))
+_OUTBOX_REMOVALS = _OUTBOX.format(sql.SQL("WHERE NOT EXISTS (SELECT FROM memories m WHERE m.id = o.memory_id AND {})"
+                                          ).format(_LIVE))
 _OUTBOX_DONE = "DELETE FROM memory_vector_outbox WHERE seq = ANY(%s)"
-_EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL "
-            "AND (expires_at <= now() OR deleted_at IS NOT NULL) ORDER BY id LIMIT %s")
+_EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL AND expires_at IS NOT NULL "
+            "AND expires_at <= now() LIMIT %s")  # idx_memories_vector_expiry; deletions come through the outbox
 _POINT = ("UPDATE memories SET embedding_id = id::text WHERE id = ANY(%s::uuid[]) "
           "AND embedding_id IS DISTINCT FROM id::text")
 _UNPOINT = "UPDATE memories SET embedding_id = NULL WHERE id = ANY(%s::uuid[]) AND embedding_id IS NOT NULL"
@@ -414,28 +418,28 @@ def _sync_lock(conn: psycopg.Connection) -> Iterator[None]:
 
 
 def _apply_outbox(run: _Syncer, *, removals_only: bool = False) -> None:
-    """Every queued change: live memories upserted, the others removed; their outbox rows deleted after."""
-    skipped: set[int] = set()
+    """Every queued change (only those of memories no longer live with ``removals_only``): live memories
+    upserted, the others removed; their outbox rows deleted after."""
     while True:
         with run.conn.cursor(row_factory=class_row(_Queued)) as cur:
-            queued = [q for q in cur.execute(_OUTBOX, [run.batch_size + len(skipped)]).fetchall()
-                      if q.seq not in skipped]
+            queued = cur.execute(_OUTBOX_REMOVALS if removals_only else _OUTBOX_ALL, [run.batch_size]).fetchall()
         if not queued:
             return
         ids = sorted({q.memory_id for q in queued})
         rows = {r.id: r for r in _rows(run.conn, _BY_IDS, {"ids": ids})}
-        live = [rows[i] for i in ids if i in rows and rows[i].live]
-        if removals_only and live:
-            skipped.update(q.seq for q in queued if q.memory_id in {r.id for r in live})
-            live = []
-        entities = run.vectors_for(live) if live else []
+        if removals_only:  # one that came back to life meanwhile stays queued for the next full sync
+            queued = [q for q in queued if q.memory_id not in rows or not rows[q.memory_id].live]
+            ids = sorted({q.memory_id for q in queued})
+            if not ids:
+                return
+        entities = run.vectors_for([rows[i] for i in ids if i in rows and rows[i].live])
         if entities:
             run.client.upsert(run.spec.name, entities)
         run.remove([i for i in ids if i not in rows or not rows[i].live])
         with run.conn.transaction():
             if entities:
                 run.conn.execute(_POINT, [[e["id"] for e in entities]])
-            run.conn.execute(_OUTBOX_DONE, [[q.seq for q in queued if q.seq not in skipped]])
+            run.conn.execute(_OUTBOX_DONE, [[q.seq for q in queued]])
         run.result.changes += len(ids)
         run.result.synced += len(entities)
         run.result.batches += 1

@@ -33,6 +33,9 @@ CREATE INDEX IF NOT EXISTS memory_vector_outbox_memory_id ON memory_vector_outbo
 -- Memories no vector points at yet (new, or taken out of the collection): what sync upserts besides the outbox.
 CREATE INDEX IF NOT EXISTS idx_memories_vector_pending ON memories (id)
     WHERE embedding_id IS NULL AND deleted_at IS NULL;
+-- Memories the collection holds, by expiry: what each sync's expiry sweep reads (`vectors sync --follow` polls).
+CREATE INDEX IF NOT EXISTS idx_memories_vector_expiry ON memories (expires_at)
+    WHERE embedding_id IS NOT NULL AND expires_at IS NOT NULL;
 
 CREATE OR REPLACE FUNCTION memory_vector_outbox_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
