@@ -41,6 +41,6 @@ def test_a_backup_of_database_a_is_refused_in_database_b_which_stays_unchanged(
         same = CliRunner().invoke(app, ["--dsn", dsn_a, "rollback", "--dry-run", str(path)])
         assert same.exit_code == 0, same.output
         on_purpose = CliRunner().invoke(app, ["--dsn", dsn_b, "rollback", "--yes", "--into-other-database",
-                                              "--discard-new-rows", str(path)])
+                                              "--replace-tables", "--discard-new-rows", str(path)])
         assert on_purpose.exit_code == 0, on_purpose.output
         assert b.execute("SELECT count(*) FROM memory_items").fetchone() == (40,)

@@ -104,6 +104,9 @@ def test_the_application_role_queues_its_changes(unified: psycopg.Connection, ds
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 app_conn.execute("SELECT * FROM memory_vector_outbox")
             app_conn.rollback()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # queued by the triggers, as their owner
+                app_conn.execute("INSERT INTO memory_vector_outbox (memory_id) VALUES (%s)", [memory])
+            app_conn.rollback()
     finally:
         unified.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     assert sync(unified, milvus, SPEC, EMBEDDER).removed == 1 and stored(milvus, [memory]) == {}

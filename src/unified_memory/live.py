@@ -102,7 +102,7 @@ def start_capture(conn: psycopg.Connection, present: dict[str, Detected], *, loc
     if not relation_exists(conn, "memory_migration_changes"):
         return []
     cut = set(_cut_over(conn))
-    wanted = {t: d for t, d in present.items() if t not in cut}
+    wanted = {t: d for t, d in present.items() if t not in cut and _capturable(conn, t)}
 
     def work() -> list[str]:
         started = []
@@ -123,6 +123,17 @@ def start_capture(conn: psycopg.Connection, present: dict[str, Detected], *, loc
     if started:
         log.info("change capture started on %s", ", ".join(started))
     return started
+
+
+def _capturable(conn: psycopg.Connection, table: str) -> bool:
+    """Only tables carry row triggers: a legacy view (or materialized view) is migrated, not captured."""
+    kind = scalar(conn, "SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)",
+                  [sql.Identifier(table).as_string(conn)])
+    if kind in ("r", "p"):
+        return True
+    log.warning("change capture skipped table=%s: not a table (relkind %s); writes through it are not followed",
+                table, kind)
+    return False
 
 
 def _resync(conn: psycopg.Connection, m: TableMapping) -> None:

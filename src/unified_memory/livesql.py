@@ -182,10 +182,13 @@ def long_term_insert(m: TableMapping) -> sql.Composed:
         sql.SQL("CASE WHEN EXISTS (SELECT 1 FROM memories x WHERE x.id = mp.id) THEN memory_migration_uuid("
                 "'long_term_memory:' || mp.source_key || '~' || mp.cid) ELSE mp.id END") if n == "id"
         else sql.SQL("mp.{}").format(sql.Identifier(n)) for n in names)
-    return sql.SQL("""WITH rows_in AS (
+    return sql.SQL("""WITH rows_in AS (  -- the row-level columns of batchsql's long_term prelude (NUL-safe document)
     SELECT s.ctid::text AS row_key, s AS row_value, s.user_id, s.memory_json, w.cid,
-           memory_migration_try_jsonb(s.memory_json) AS doc
+           s.memory_json IS NULL AS json_missing, d.doc,
+           d.doc IS NOT NULL AND strpos(s.memory_json, E'\\\\u0000') > 0
+               AND memory_migration_try_jsonb(s.memory_json) IS NULL AS nul_replaced
     FROM long_term_memory s JOIN unnest(%(ctids)s::text[], %(cids)s::bigint[]) AS w(c, cid) ON s.ctid = w.c::tid
+    CROSS JOIN LATERAL (SELECT memory_migration_json_doc(s.memory_json) AS doc OFFSET 0) d
     WHERE s.ctid = ANY(%(ctids)s::tid[])
 ),
 row_outcome AS (SELECT r.*, {reasons} AS reason FROM rows_in r),
@@ -193,7 +196,7 @@ rq AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reason
        SELECT 'long_term_memory', row_key, reason, to_jsonb(row_value), %(run_id)s FROM row_outcome
        WHERE reason IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1),
 s AS (
-    SELECT o.row_key, e.idx - 1 AS item_index, e.item, o.user_id, o.cid
+    SELECT o.row_key, e.idx - 1 AS item_index, e.item, o.user_id, o.cid, o.nul_replaced
     FROM row_outcome o
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(o.doc) WHEN 'array' THEN o.doc
                                                  ELSE jsonb_build_array(o.doc) END) WITH ORDINALITY AS e(item, idx)

@@ -89,4 +89,13 @@ $$;
 COMMENT ON FUNCTION memory_migration_json_doc(TEXT) IS
     'unified-memory 019: legacy JSON text to jsonb; a \u0000 escape becomes \ufffd; NULL when not JSON';
 
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_maintenance') THEN
+        GRANT SELECT, INSERT, UPDATE, DELETE ON memory_migration_ranges, memory_migration_quarantine_rows
+            TO unified_memory_maintenance;
+    END IF;
+END
+$$;
+
 COMMIT;

@@ -81,6 +81,10 @@ DECLARE
 BEGIN
     SELECT c.relname, format('%I.%I', n.nspname, c.relname) INTO v_table, v_qualified
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF v_table IS NULL OR v_table NOT IN ('memory_items', 'memory_entries', 'web_ui_memory_entries',
+                                          'long_term_memory') THEN
+        RAISE EXCEPTION 'change capture is only for the legacy memory tables' USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'memory_migration_capture') THEN
         RETURN false;
     END IF;
@@ -156,6 +160,10 @@ COMMENT ON FUNCTION memory_migration_read_only() IS 'unified-memory 020: refuses
 CREATE OR REPLACE FUNCTION memory_migration_read_only_on(p_table REGCLASS) RETURNS BOOLEAN
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF (SELECT relname FROM pg_class WHERE oid = p_table) NOT IN ('memory_items', 'memory_entries',
+                                                                   'web_ui_memory_entries', 'long_term_memory') THEN
+        RAISE EXCEPTION 'the read-only guard is only for the legacy memory tables' USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'memory_migration_read_only') THEN
         RETURN false;
     END IF;
@@ -177,5 +185,28 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION memory_migration_read_only_off(REGCLASS) IS 'unified-memory 020: undo the read-only guard';
+
+-- Least privilege: the maintenance role starts and stops capture and the read-only guard only through these
+-- functions, which run as their owner (a fixed search_path, pg_temp last) and accept only the legacy tables; it
+-- needs no TRIGGER privilege on the legacy tables nor CREATE on the schema. The application calls none of them.
+DO $$
+DECLARE
+    f TEXT;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['memory_migration_capture_on(regclass, text)', 'memory_migration_capture_off(regclass)',
+                             'memory_migration_read_only_on(regclass)', 'memory_migration_read_only_off(regclass)']
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = %I, pg_temp', f, current_schema());
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_maintenance') THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO unified_memory_maintenance', f);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unified_memory_maintenance') THEN
+        GRANT SELECT, INSERT, UPDATE, DELETE ON memory_migration_changes, memory_migration_synced,
+            memory_migration_conflicts, memory_migration_live, memory_migration_live_log TO unified_memory_maintenance;
+    END IF;
+END
+$$;
 
 COMMIT;
