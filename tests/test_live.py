@@ -73,6 +73,9 @@ def test_cutover_makes_legacy_read_only_then_cleanup_and_a_rollback_of_its_backu
     final = tmp_path / "final.umbk"
     with pytest.raises(CleanupRefused, match="--yes"):
         cleanup(unified, final)
+    with pytest.raises(CleanupRefused, match="last validation"):  # 023 records validations: one must pass first
+        cleanup(unified, final, yes=True)
+    assert validate(unified).status == "pass"
     unified.execute("CREATE VIEW app_view AS SELECT id FROM memory_items")
     with pytest.raises(CleanupRefused, match="app_view"):
         cleanup(unified, final, yes=True)
