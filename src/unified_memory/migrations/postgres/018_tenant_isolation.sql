@@ -189,6 +189,9 @@ BEGIN
             TO unified_memory_maintenance;
         GRANT USAGE, SELECT, UPDATE ON SEQUENCE memory_migration_runs_run_id_seq, memory_migration_quarantine_id_seq
             TO unified_memory_maintenance;
+        IF to_regclass('unified_memory_schema_migrations') IS NOT NULL THEN  -- validate reads the schema's drift
+            GRANT SELECT ON unified_memory_schema_migrations TO unified_memory_maintenance;
+        END IF;
         -- the rollback stages restored tables in a schema of its own
         EXECUTE format('GRANT CREATE ON DATABASE %I TO unified_memory_maintenance', current_database());
         FOREACH legacy IN ARRAY ARRAY['memory_items', 'memory_entries', 'web_ui_memory_entries', 'long_term_memory']
