@@ -73,6 +73,14 @@ def measure_tool(server: str, template: str, jobs: int, batch_size: int | None) 
             "tables": {t: v["this_run"]["seconds"] for t, v in summary["tables"].items()}}
 
 
+def measure_baseline(server: str, template: str, shapes: dict[str, str]) -> dict[str, object]:
+    with scratch_database(server, template) as base_db, psycopg.connect(base_db, autocommit=True) as conn:
+        phases = load_then_index(conn, shapes)
+        memories = int((conn.execute("SELECT count(*) FROM memories").fetchone() or (0,))[0])
+    return {"seconds": round(phases["total"], 2), "memories": memories,
+            "phases": {k: round(v, 2) for k, v in phases.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000, help="rows per legacy table")
@@ -80,6 +88,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="the tool's --batch-size (default: its own)")
     parser.add_argument("--jobs", type=int, action="append", help="the tool's --jobs; 0 = its default "
                         "(repeatable; default: 1 and 0)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="measure the tool only (for the 1M-rows-per-table flatness run)")
     args = parser.parse_args()
     server = server_dsn(args.dsn)
     with scratch_database(server) as template:
@@ -92,17 +102,16 @@ def main() -> None:
                        for t in shapes]
             source_rows = sum(int(c[0]) for c in counted if c)
             version = str((conn.execute("SHOW server_version").fetchone() or ("?",))[0])
-        with scratch_database(server, dbname(template)) as base_db, psycopg.connect(base_db, autocommit=True) as conn:
-            baseline = load_then_index(conn, shapes)
-            baseline_memories = int((conn.execute("SELECT count(*) FROM memories").fetchone() or (0,))[0])
+        baseline: dict[str, object] = {}
+        if not args.no_baseline:
+            baseline = measure_baseline(server, dbname(template), shapes)
         tools = [measure_tool(server, dbname(template), jobs, args.batch_size) for jobs in (args.jobs or [1, 0])]
-    result = {
-        "server": f"PostgreSQL {version}", "rows_per_table": args.rows, "source_rows": source_rows,
-        "load_then_index": {"seconds": round(baseline["total"], 2), "memories": baseline_memories,
-                            "phases": {k: round(v, 2) for k, v in baseline.items()}},
-        "tool": [{**t, "ratio_to_load_then_index": round(baseline["total"] / float(t["seconds"]), 2)}  # type: ignore[arg-type]
-                 for t in tools],
-    }
+    for t in tools:
+        t["memories_per_second"] = round(float(str(t["memories"])) / float(str(t["seconds"])))
+        if baseline:
+            t["ratio_to_load_then_index"] = round(float(str(baseline["seconds"])) / float(str(t["seconds"])), 2)
+    result = {"server": f"PostgreSQL {version}", "rows_per_table": args.rows, "source_rows": source_rows,
+              "load_then_index": baseline or None, "tool": tools}
     print(json.dumps(result, indent=2))
 
 
