@@ -28,6 +28,7 @@ from .db import maintenance, relation_exists, scalar
 from .errors import LockBusy, translate
 from .mapping import TableMapping, mapping_for
 from .shapes import Detected, detect
+from .sources import ITEM_KEYS
 
 log = logging.getLogger("unified_memory.live")
 
@@ -88,7 +89,7 @@ class Settings:
 
 def capture_key(m: TableMapping) -> str | None:
     """The column a table's changes are keyed by; None for long_term_memory (its ctid)."""
-    return None if m.expands else m.order.removeprefix("s.")
+    return m.source.capture_key
 
 
 # ------------------------------------------------------------------------------------------------ capture
@@ -140,22 +141,8 @@ def _resync(conn: psycopg.Connection, m: TableMapping) -> None:
     """Queue a change per key of a table that has outcomes already (migrated before capture existed)."""
     had = scalar(conn, "SELECT EXISTS (SELECT 1 FROM memories WHERE source_table = %(t)s) OR EXISTS "
                        "(SELECT 1 FROM memory_migration_quarantine WHERE source_table = %(t)s)", {"t": m.table})
-    if not had:
-        return
-    table = sql.Identifier(m.table)
-    if m.expands:
-        conn.execute(sql.SQL(
-            "INSERT INTO memory_migration_changes (source_table, op, old_key) SELECT DISTINCT %(t)s, 'D', k FROM "
-            "(SELECT split_part(source_key, '#', 1) AS k FROM memories WHERE source_table = %(t)s UNION "
-            " SELECT split_part(source_key, '#', 1) FROM memory_migration_quarantine WHERE source_table = %(t)s) o "
-            "WHERE strpos(k, '~') = 0 AND NOT EXISTS (SELECT 1 FROM {} s WHERE s.ctid = o.k::tid)").format(table),
-            {"t": m.table})
-        return
-    conn.execute(sql.SQL(
-        "INSERT INTO memory_migration_changes (source_table, op, old_key, new_key) SELECT %(t)s, 'U', k, k FROM "
-        "(SELECT {key} AS k FROM {table} s UNION SELECT source_key FROM memories WHERE source_table = %(t)s "
-        " UNION SELECT source_key FROM memory_migration_quarantine WHERE source_table = %(t)s) keys").format(
-        key=sql.SQL(m.key), table=table), {"t": m.table})
+    if had:  # keyed rows: every key compared once; items: the rows gone since are retired
+        conn.execute(m.source.resync(m), {"t": m.table})
 
 
 def stop_capture(conn: psycopg.Connection, tables: list[str]) -> list[str]:
@@ -265,7 +252,7 @@ def _batch(conn: psycopg.Connection, settings: Settings, mappings: dict[str, Tab
                 continue
             params = {"t": table, "tz": settings.source_timezone, "expiry": settings.expiry,
                       "run_id": settings.run_id, "correlation": CORRELATION}
-            apply = _apply_long_term if m.expands else _apply_keyed
+            apply = m.source.choose(rows=_apply_keyed, items=_apply_long_term)
             outcomes.update(apply(conn, m, own, params, result))
         for outcome in ("applied", "conflict", "table_gone"):
             ids = [c["change_id"] for c in changes if outcomes.get(c["change_id"], "applied") == outcome]
@@ -335,19 +322,19 @@ def _apply_long_term(conn: psycopg.Connection, m: TableMapping, changes: list[di
     olds, news = _last_change(changes, "old_key"), _last_change(changes, "new_key")
     outcomes: dict[int, Outcome] = {}
     if olds:
-        items = [str(r[0]) for r in conn.execute(livesql.ITEM_KEYS, {"keys": sorted(olds)})]
-        by_row = {k: olds[k.split("#")[0]] for k in items}
+        items = [str(r[0]) for r in conn.execute(livesql.item_keys(m), {"keys": sorted(olds)})]
+        by_row = {k: olds[ITEM_KEYS.row_of(k)] for k in items}
         conflicted = _conflicts(conn, {**params, "keys": items}, by_row, result)
         with conn.cursor(row_factory=dict_row) as cur:
             live = [r["id"] for r in cur.execute(livesql.lock_memories(), {**params, "keys": items})
                     if r["live"] and r["source_key"] not in conflicted]
         result.deleted += len(live)
-        conn.execute(livesql.RETIRE, {**params, "keys": items, "cids": [by_row[k]["change_id"] for k in items],
-                                      "soft": [k not in conflicted for k in items], "audited": live})
-        conn.execute(livesql.CLEAR_LONG_TERM_QUARANTINE, {"ctids": sorted(olds)})
+        conn.execute(livesql.retire(m), {**params, "keys": items, "cids": [by_row[k]["change_id"] for k in items],
+                                         "soft": [k not in conflicted for k in items], "audited": live})
+        conn.execute(livesql.clear_item_quarantine(m), {"ctids": sorted(olds)})
         outcomes.update({by_row[k]["change_id"]: "conflict" for k in conflicted})
     if news:
-        conn.execute(livesql.CLEAR_LONG_TERM_QUARANTINE, {"ctids": sorted(news)})
+        conn.execute(livesql.clear_item_quarantine(m), {"ctids": sorted(news)})
         row = conn.execute(livesql.long_term_insert(m), {
             **params, "ctids": sorted(news), "cids": [news[k]["change_id"] for k in sorted(news)]}).fetchone()
         assert row is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from .db import scalar
 from .errors import ShapeError
@@ -120,12 +119,6 @@ def check_relation(conn: psycopg.Connection, found: Detected) -> None:
         return
     what = _KINDS.get(kind, f"relation of kind {kind!r}")
     m = mapping_for(found.table, found.shape)
-    if m.order_type == "tid":
-        raise ShapeError(f"{found.table} is a {what}: its rows are keyed by their ctid, which a {what} does not "
-                         "give uniquely; copy it into a plain table (CREATE TABLE ... AS SELECT) and run again")
-    bad = scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT {k} FROM {t} s GROUP BY {k} "
-                               "HAVING {k} IS NULL OR count(*) > 1) d").format(
-        k=sql.SQL(m.order), t=sql.Identifier(found.table)))
-    if bad:
-        raise ShapeError(f"{found.table} is a {what} with {bad} NULL or repeated keys ({m.order[2:]}): "
-                         "its rows cannot each be given one outcome; fix the keys or copy it into a table")
+    problem = m.source.relation_problem(conn, m, what)
+    if problem is not None:
+        raise ShapeError(problem)
