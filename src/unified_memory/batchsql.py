@@ -72,9 +72,12 @@ def quarantine_one(m: TableMapping) -> sql.Composed:
              type=_TYPES[m.order_type])
 
 
-def _expires(m: TableMapping) -> sql.Composable:
-    return sql.SQL("calculate_expires_at(mapped.decay_tier, CASE WHEN %(expiry)s = 'created' THEN mapped.created_at "
-                   "ELSE now() END)")
+def expires_at(row: sql.Composable | None = None) -> sql.Composed:
+    """SQL: a memory's ``expires_at`` from the ``decay_tier`` and ``created_at`` of the mapped row ``row`` (a
+    constant alias; None: unqualified), by the ``%(expiry)s`` policy: from arrival, or from creation."""
+    prefix = sql.SQL("{}.").format(row) if row is not None else sql.SQL("")
+    return sql.SQL("calculate_expires_at({r}decay_tier, CASE WHEN %(expiry)s = 'created' THEN {r}created_at "
+                   "ELSE now() END)").format(r=prefix)
 
 
 def _squatter(m: TableMapping) -> sql.Composed:
@@ -109,7 +112,7 @@ def insert_memories(m: TableMapping, source: sql.Composable, *, conflict: bool =
         "SELECT {inserted}, {expires}, {table}, mapped.um_source_key, now() FROM "
         "(SELECT {exprs}, {key} AS um_source_key {source} AND ({reason}) IS NULL OFFSET 0) mapped {squat} "
         "{conflict} RETURNING id, source_key"
-    ).format(targets=targets, inserted=inserted, expires=_expires(m), table=sql.Literal(m.table),
+    ).format(targets=targets, inserted=inserted, expires=expires_at(sql.SQL("mapped")), table=sql.Literal(m.table),
              exprs=exprs, key=sql.SQL(m.key), source=source, reason=sql.SQL(m.reason_sql()), squat=_squatter(m),
              conflict=sql.SQL("ON CONFLICT DO NOTHING") if conflict else sql.SQL(""))
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from psycopg import sql
 
+from .batchsql import expires_at
 from .sources import ITEM_KEYS, row_reason_sql
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ _TYPES = {"uuid": sql.SQL("uuid"), "text": sql.SQL("text"), "tid": sql.SQL("tid"
 _AUDIT = sql.SQL(
     "audit AS (INSERT INTO memory_access_log (memory_id, user_id, org_id, access_type, correlation_id) "
     "SELECT id, user_id, org_id, 'delete', %(correlation)s FROM del RETURNING 1)")
-_EXPIRES = "calculate_expires_at(decay_tier, CASE WHEN %(expiry)s = 'created' THEN created_at ELSE now() END)"
 
 
 def _exprs(m: TableMapping) -> sql.Composable:
@@ -122,7 +122,7 @@ dup AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reaso
             duplicate_of = EXCLUDED.duplicate_of, raw_row = EXCLUDED.raw_row, quarantined_at = now()
         RETURNING 1){vectors}
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM dup)""").format(
-        cur=current(m), targets=targets, expires=sql.SQL(_EXPIRES), vectors=vectors)
+        cur=current(m), targets=targets, expires=expires_at(), vectors=vectors)
 
 
 def embeddings(m: TableMapping) -> sql.Composed:
@@ -238,4 +238,4 @@ iq AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reason
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq)""").format(
         rows_in=_rows_in(m), key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), exprs=_exprs(m),
         targets=sql.SQL(", ").join(map(sql.Identifier, names)), picked=picked, t=sql.Literal(m.table),
-        expires=sql.SQL(_EXPIRES.replace("decay_tier", "mp.decay_tier").replace("created_at", "mp.created_at")))
+        expires=expires_at(sql.SQL("mp")))
