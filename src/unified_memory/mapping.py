@@ -72,7 +72,7 @@ class Column:
 
     def sql(self) -> str:
         if self.transform is not None:
-            return "(" + self.transform.replace("{x}", f"({self.expr})") + ")"
+            return "(" + self.transform.format(x=f"({self.expr})") + ")"
         if self.vocab is not None:
             return self.vocab.normalise(self.expr, self.default or self.vocab.fallback)
         if self.clamp is not None:
