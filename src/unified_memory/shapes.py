@@ -12,9 +12,9 @@ import psycopg
 
 from .db import scalar
 from .errors import ShapeError
-from .mapping import mapping_for
+from .mapping import PRECEDENCE, mapping_for
 
-LEGACY_TABLES = ("memory_items", "memory_entries", "web_ui_memory_entries", "long_term_memory")
+LEGACY_TABLES = PRECEDENCE  # the legacy tables, in the order they are migrated
 
 
 @dataclass(frozen=True)
