@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 
 from . import livesql
 from .db import maintenance, relation_exists, scalar
@@ -153,7 +153,7 @@ def stop_capture(conn: psycopg.Connection, tables: list[str]) -> list[str]:
 
 def capturing(conn: psycopg.Connection) -> list[str]:
     """Legacy tables with a capture trigger."""
-    return [str(r[0]) for r in conn.execute(
+    return [str(name) for name in conn.cursor(row_factory=scalar_row).execute(
         "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
         "WHERE t.tgname = 'memory_migration_capture' AND c.relnamespace = current_schema()::regnamespace "
         "ORDER BY 1")]
@@ -162,7 +162,7 @@ def capturing(conn: psycopg.Connection) -> list[str]:
 def _cut_over(conn: psycopg.Connection) -> list[str]:
     if not relation_exists(conn, "memory_migration_live"):
         return []
-    return [str(r[0]) for r in conn.execute(
+    return [str(table) for table in conn.cursor(row_factory=scalar_row).execute(
         "SELECT source_table FROM memory_migration_live WHERE cutover_at IS NOT NULL ORDER BY 1")]
 
 
@@ -170,11 +170,12 @@ def lag(conn: psycopg.Connection) -> Lag:
     """Changes waiting, the age of the oldest, conflicts recorded, captured and cut-over tables."""
     if not relation_exists(conn, "memory_migration_changes"):
         return Lag()
-    row = conn.execute("SELECT count(*), extract(epoch FROM clock_timestamp() - min(captured_at))::float8 "
-                       "FROM memory_migration_changes WHERE applied_at IS NULL").fetchone()
+    row = conn.cursor(row_factory=dict_row).execute(
+        "SELECT count(*) AS waiting, extract(epoch FROM clock_timestamp() - min(captured_at))::float8 AS oldest "
+        "FROM memory_migration_changes WHERE applied_at IS NULL").fetchone()
     assert row is not None
     conflicts = int(scalar(conn, "SELECT count(*) FROM memory_migration_conflicts"))
-    return Lag(int(row[0]), row[1], conflicts, tuple(capturing(conn)), tuple(_cut_over(conn)))
+    return Lag(int(row["waiting"]), row["oldest"], conflicts, tuple(capturing(conn)), tuple(_cut_over(conn)))
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -286,10 +287,10 @@ def _apply_keyed(conn: psycopg.Connection, m: TableMapping, changes: list[dict[s
         result.deleted += int(scalar(conn, livesql.gone(m), p))
         result.quarantined += int(scalar(conn, livesql.rejected(m), p))
         result.updated += conn.execute(livesql.update(m), p).rowcount
-        row = conn.execute(livesql.insert(m), p).fetchone()
+        row = conn.cursor(row_factory=dict_row).execute(livesql.insert(m), p).fetchone()
         assert row is not None
-        result.inserted += int(row[0])
-        result.quarantined += int(row[1])
+        result.inserted += int(row["inserted"])
+        result.quarantined += int(row["quarantined"])
         if m.embedding:
             conn.execute(livesql.embeddings(m), p)
         conn.execute(livesql.CLEAR_RESOLVED, p)
@@ -322,7 +323,8 @@ def _apply_long_term(conn: psycopg.Connection, m: TableMapping, changes: list[di
     olds, news = _last_change(changes, "old_key"), _last_change(changes, "new_key")
     outcomes: dict[int, Outcome] = {}
     if olds:
-        items = [str(r[0]) for r in conn.execute(livesql.item_keys(m), {"keys": sorted(olds)})]
+        found = conn.cursor(row_factory=scalar_row).execute(livesql.item_keys(m), {"keys": sorted(olds)})
+        items = [str(k) for k in found]
         by_row = {k: olds[ITEM_KEYS.row_of(k)] for k in items}
         conflicted = _conflicts(conn, {**params, "keys": items}, by_row, result)
         with conn.cursor(row_factory=dict_row) as cur:
@@ -335,11 +337,11 @@ def _apply_long_term(conn: psycopg.Connection, m: TableMapping, changes: list[di
         outcomes.update({by_row[k]["change_id"]: "conflict" for k in conflicted})
     if news:
         conn.execute(livesql.clear_item_quarantine(m), {"ctids": sorted(news)})
-        row = conn.execute(livesql.long_term_insert(m), {
+        row = conn.cursor(row_factory=dict_row).execute(livesql.long_term_insert(m), {
             **params, "ctids": sorted(news), "cids": [news[k]["change_id"] for k in sorted(news)]}).fetchone()
         assert row is not None
-        result.inserted += int(row[0])
-        result.quarantined += int(row[1])
+        result.inserted += int(row["inserted"])
+        result.quarantined += int(row["quarantined"])
     return outcomes
 
 

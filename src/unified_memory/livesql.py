@@ -121,7 +121,7 @@ dup AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reaso
         ON CONFLICT (source_table, source_key) DO UPDATE SET reason = 'duplicate_id',
             duplicate_of = EXCLUDED.duplicate_of, raw_row = EXCLUDED.raw_row, quarantined_at = now()
         RETURNING 1){vectors}
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM dup)""").format(
+SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM dup) AS quarantined""").format(
         cur=current(m), targets=targets, expires=expires_at(), vectors=vectors)
 
 
@@ -235,7 +235,8 @@ ins AS (INSERT INTO memories ({targets}, expires_at, source_table, source_key, m
 iq AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reason, raw_row, run_id)
        SELECT {t}, source_key, reason, to_jsonb(raw_row), %(run_id)s FROM mp
        WHERE reason IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1)
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq)""").format(
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq) AS quarantined""").format(
         rows_in=_rows_in(m), key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), exprs=_exprs(m),
         targets=sql.SQL(", ").join(map(sql.Identifier, names)), picked=picked, t=sql.Literal(m.table),
         expires=expires_at(sql.SQL("mp")))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.rows import dict_row
 
 from .db import scalar
 from .errors import ShapeError
@@ -64,14 +65,14 @@ class Detected:
 
 def table_columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
     """Column name -> type (``format_type``) of ``table`` in the current schema; empty when it is missing."""
-    rows = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    rows = conn.cursor(row_factory=dict_row).execute(
+        "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = current_schema() AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
         "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         [table],
     ).fetchall()
-    return {name: typ for name, typ in rows}
+    return {r["name"]: r["type"] for r in rows}
 
 
 def detect(conn: psycopg.Connection, table: str) -> Detected | None:
