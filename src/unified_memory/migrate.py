@@ -140,14 +140,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
         opts = replace(opts, jobs=jobs)
         run = MigrationRun("running", opts.dry_run, options=opts.to_dict())
         with run.phases.timed("detect"):
-            detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
-            run.shapes = {t: d.shape if d else None for t, d in detected.items()}
-            present = {t: d for t, d in detected.items() if d is not None}
-            for relation in present.values():
-                check_relation(conn, relation)
-            privileges.require(conn, "migrate", legacy=list(present))
-        for table, found in detected.items():
-            log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+            present = _detect(conn, run, opts)
         if not opts.dry_run:
             with run.phases.timed("start_capture"):  # before anything is read: every later write is captured
                 live.start_capture(conn, present, lock_timeout_ms=opts.lock_timeout_ms)
@@ -173,6 +166,19 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
                 _real_run(conn, run, present, pending, opts, progress, workers)
     run.seconds = time.monotonic() - started
     return run
+
+
+def _detect(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOptions) -> dict[str, Detected]:
+    """The chosen legacy tables that exist, in PRECEDENCE order, checked and with their shapes in ``run``."""
+    detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
+    run.shapes = {t: d.shape if d else None for t, d in detected.items()}
+    present = {t: d for t, d in detected.items() if d is not None}
+    for relation in present.values():
+        check_relation(conn, relation)
+    privileges.require(conn, "migrate", legacy=list(present))
+    for table, found in detected.items():
+        log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+    return present
 
 
 def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, Detected], pending: dict[str, int],
