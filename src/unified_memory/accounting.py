@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from .db import relation_exists, scalar
-from .mapping import LONG_TERM_ROW_QUARANTINE, mapping_for
+from .mapping import mapping_for
+from .sources import ROW_QUARANTINE
 
 
 @dataclass
@@ -58,62 +60,29 @@ class TableAccount:
         return data
 
 
-_ROW_REASONS = {r for r, _ in LONG_TERM_ROW_QUARANTINE} | {"rejected_by_database"}
+_ROW_REASONS = {r for r, _ in ROW_QUARANTINE} | {"rejected_by_database"}
 
-# Outcomes are counted for the current legacy rows only (joined on their keys), so rows the application deleted
-# (their memories soft-deleted by catch-up: ``retired``) never make a count negative; a row captured after the
-# last catch-up and not migrated yet is ``waiting``. One outcome per row: quarantine, then memory, then waiting.
+# Rows captured after the last catch-up and not migrated yet (``waiting``); the source's query counts outcomes.
 _WAITING = ("(SELECT DISTINCT new_key AS k FROM memory_migration_changes "
             "WHERE applied_at IS NULL AND source_table = %(t)s)")
 _NO_CAPTURE = "(SELECT NULL::text AS k WHERE false)"
-_OUTCOMES = sql.SQL(
-    "SELECT CASE WHEN q.reason IS NOT NULL THEN q.reason WHEN m.source_key IS NOT NULL THEN 'migrated' "
-    "WHEN w.k IS NOT NULL THEN 'waiting' END AS outcome, count(*) FROM {table} s "
-    "LEFT JOIN memory_migration_quarantine q ON q.source_table = %(t)s AND q.source_key = {key} "
-    "LEFT JOIN (SELECT source_key FROM memories WHERE source_table = %(t)s) m ON m.source_key = {key} "
-    "LEFT JOIN {waiting} w ON w.k = {key} GROUP BY 1"
-)
 _MEMORIES = "SELECT count(*) FROM memories WHERE source_table = %(t)s"
-
-# long_term_memory: per current row (ctid), its row-level outcome, or its items' outcomes (<ctid>#<n>, n below
-# the row's item count; memories retired by catch-up carry a '~' and belong to no current row).
-_LONG_TERM = sql.SQL("""WITH r AS (
-    SELECT s.ctid::text AS rk, memory_migration_json_doc(s.memory_json) AS doc FROM {table} s OFFSET 0
-),
-rq AS (SELECT source_key AS rk, reason FROM memory_migration_quarantine
-       WHERE source_table = %(t)s AND strpos(source_key, '#') = 0),
-io AS (
-    SELECT rk, idx, CASE WHEN bool_or(outcome IS NULL) THEN 'migrated' ELSE min(outcome) END AS outcome FROM (
-        SELECT split_part(source_key, '#', 1) AS rk, split_part(source_key, '#', 2)::int AS idx, NULL AS outcome
-        FROM memories WHERE source_table = %(t)s AND strpos(source_key, '~') = 0
-        UNION ALL
-        SELECT split_part(source_key, '#', 1), split_part(source_key, '#', 2)::int, reason
-        FROM memory_migration_quarantine WHERE source_table = %(t)s AND strpos(source_key, '#') > 0) u
-    GROUP BY rk, idx
-),
-per_row AS (
-    SELECT r.rk, CASE jsonb_typeof(r.doc) WHEN 'array' THEN jsonb_array_length(r.doc) ELSE 1 END AS n,
-           CASE WHEN rq.reason IS NOT NULL THEN rq.reason WHEN e.rk IS NOT NULL THEN 'expanded'
-                WHEN w.k IS NOT NULL THEN 'waiting' END AS outcome
-    FROM r LEFT JOIN rq USING (rk) LEFT JOIN (SELECT DISTINCT rk FROM io) e USING (rk)
-    LEFT JOIN {waiting} w ON w.k = r.rk
-)
-SELECT 'row' AS level, outcome, count(*) AS n, coalesce(sum(n), 0) AS items FROM per_row GROUP BY outcome
-UNION ALL
-SELECT 'item', io.outcome, count(*), 0 FROM io JOIN per_row p ON p.rk = io.rk AND p.outcome = 'expanded'
-WHERE io.idx < p.n GROUP BY io.outcome""")
 
 
 def account(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
     """Outcome counts of ``table``'s current rows from memories, the quarantine and the waiting changes."""
     mapping = mapping_for(table, shape)
-    if mapping.expands:
-        return _long_term(conn, table, shape)
-    result = TableAccount(table, shape, items=None)
-    query = _OUTCOMES.format(table=sql.Identifier(table), key=sql.SQL(mapping.key), waiting=_waiting(conn))
-    for outcome, n in conn.execute(query, {"t": table}):
-        result.source_rows += int(n)
-        _count(result, outcome, int(n))
+    items, expanded_rows = mapping.source.item_counters()
+    result = TableAccount(table, shape, items=items, expanded_rows=expanded_rows)
+    query = mapping.source.outcomes(mapping, _waiting(conn))
+    for row in conn.cursor(row_factory=dict_row).execute(query, {"t": table}):
+        n = int(row["n"])
+        if row.get("level", "row") == "row":  # a keyed table has rows only
+            result.source_rows += n
+            if row["outcome"] == "expanded":
+                result.expanded_rows, result.items = n, int(row["items"])
+                continue
+        _count(result, row["outcome"], n)
     result.retired = int(scalar(conn, _MEMORIES, {"t": table})) - result.migrated
     return result
 
@@ -131,17 +100,3 @@ def _count(result: TableAccount, outcome: str | None, n: int) -> None:
         result.waiting += n
     elif outcome is not None:
         result.quarantined[outcome] = result.quarantined.get(outcome, 0) + n
-
-
-def _long_term(conn: psycopg.Connection, table: str, shape: str) -> TableAccount:
-    result = TableAccount(table, shape, items=0, expanded_rows=0)
-    query = _LONG_TERM.format(table=sql.Identifier(table), waiting=_waiting(conn))
-    for level, outcome, n, items in conn.execute(query, {"t": table}):
-        if level == "row":
-            result.source_rows += int(n)
-            if outcome == "expanded":
-                result.expanded_rows, result.items = int(n), int(items)
-                continue
-        _count(result, outcome, int(n))
-    result.retired = int(scalar(conn, _MEMORIES, {"t": table})) - result.migrated
-    return result

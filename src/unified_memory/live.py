@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 
 from . import livesql
 from .db import maintenance, relation_exists, scalar
 from .errors import LockBusy, translate
 from .mapping import TableMapping, mapping_for
 from .shapes import Detected, detect
+from .sources import ITEM_KEYS
 
 log = logging.getLogger("unified_memory.live")
 
@@ -88,7 +89,7 @@ class Settings:
 
 def capture_key(m: TableMapping) -> str | None:
     """The column a table's changes are keyed by; None for long_term_memory (its ctid)."""
-    return None if m.expands else m.order.removeprefix("s.")
+    return m.source.capture_key
 
 
 # ------------------------------------------------------------------------------------------------ capture
@@ -140,22 +141,8 @@ def _resync(conn: psycopg.Connection, m: TableMapping) -> None:
     """Queue a change per key of a table that has outcomes already (migrated before capture existed)."""
     had = scalar(conn, "SELECT EXISTS (SELECT 1 FROM memories WHERE source_table = %(t)s) OR EXISTS "
                        "(SELECT 1 FROM memory_migration_quarantine WHERE source_table = %(t)s)", {"t": m.table})
-    if not had:
-        return
-    table = sql.Identifier(m.table)
-    if m.expands:
-        conn.execute(sql.SQL(
-            "INSERT INTO memory_migration_changes (source_table, op, old_key) SELECT DISTINCT %(t)s, 'D', k FROM "
-            "(SELECT split_part(source_key, '#', 1) AS k FROM memories WHERE source_table = %(t)s UNION "
-            " SELECT split_part(source_key, '#', 1) FROM memory_migration_quarantine WHERE source_table = %(t)s) o "
-            "WHERE strpos(k, '~') = 0 AND NOT EXISTS (SELECT 1 FROM {} s WHERE s.ctid = o.k::tid)").format(table),
-            {"t": m.table})
-        return
-    conn.execute(sql.SQL(
-        "INSERT INTO memory_migration_changes (source_table, op, old_key, new_key) SELECT %(t)s, 'U', k, k FROM "
-        "(SELECT {key} AS k FROM {table} s UNION SELECT source_key FROM memories WHERE source_table = %(t)s "
-        " UNION SELECT source_key FROM memory_migration_quarantine WHERE source_table = %(t)s) keys").format(
-        key=sql.SQL(m.key), table=table), {"t": m.table})
+    if had:  # keyed rows: every key compared once; items: the rows gone since are retired
+        conn.execute(m.source.resync(m), {"t": m.table})
 
 
 def stop_capture(conn: psycopg.Connection, tables: list[str]) -> list[str]:
@@ -166,7 +153,7 @@ def stop_capture(conn: psycopg.Connection, tables: list[str]) -> list[str]:
 
 def capturing(conn: psycopg.Connection) -> list[str]:
     """Legacy tables with a capture trigger."""
-    return [str(r[0]) for r in conn.execute(
+    return [str(name) for name in conn.cursor(row_factory=scalar_row).execute(
         "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
         "WHERE t.tgname = 'memory_migration_capture' AND c.relnamespace = current_schema()::regnamespace "
         "ORDER BY 1")]
@@ -175,7 +162,7 @@ def capturing(conn: psycopg.Connection) -> list[str]:
 def _cut_over(conn: psycopg.Connection) -> list[str]:
     if not relation_exists(conn, "memory_migration_live"):
         return []
-    return [str(r[0]) for r in conn.execute(
+    return [str(table) for table in conn.cursor(row_factory=scalar_row).execute(
         "SELECT source_table FROM memory_migration_live WHERE cutover_at IS NOT NULL ORDER BY 1")]
 
 
@@ -183,11 +170,12 @@ def lag(conn: psycopg.Connection) -> Lag:
     """Changes waiting, the age of the oldest, conflicts recorded, captured and cut-over tables."""
     if not relation_exists(conn, "memory_migration_changes"):
         return Lag()
-    row = conn.execute("SELECT count(*), extract(epoch FROM clock_timestamp() - min(captured_at))::float8 "
-                       "FROM memory_migration_changes WHERE applied_at IS NULL").fetchone()
+    row = conn.cursor(row_factory=dict_row).execute(
+        "SELECT count(*) AS waiting, extract(epoch FROM clock_timestamp() - min(captured_at))::float8 AS oldest "
+        "FROM memory_migration_changes WHERE applied_at IS NULL").fetchone()
     assert row is not None
     conflicts = int(scalar(conn, "SELECT count(*) FROM memory_migration_conflicts"))
-    return Lag(int(row[0]), row[1], conflicts, tuple(capturing(conn)), tuple(_cut_over(conn)))
+    return Lag(int(row["waiting"]), row["oldest"], conflicts, tuple(capturing(conn)), tuple(_cut_over(conn)))
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -265,7 +253,7 @@ def _batch(conn: psycopg.Connection, settings: Settings, mappings: dict[str, Tab
                 continue
             params = {"t": table, "tz": settings.source_timezone, "expiry": settings.expiry,
                       "run_id": settings.run_id, "correlation": CORRELATION}
-            apply = _apply_long_term if m.expands else _apply_keyed
+            apply = m.source.choose(rows=_apply_keyed, items=_apply_long_term)
             outcomes.update(apply(conn, m, own, params, result))
         for outcome in ("applied", "conflict", "table_gone"):
             ids = [c["change_id"] for c in changes if outcomes.get(c["change_id"], "applied") == outcome]
@@ -299,10 +287,10 @@ def _apply_keyed(conn: psycopg.Connection, m: TableMapping, changes: list[dict[s
         result.deleted += int(scalar(conn, livesql.gone(m), p))
         result.quarantined += int(scalar(conn, livesql.rejected(m), p))
         result.updated += conn.execute(livesql.update(m), p).rowcount
-        row = conn.execute(livesql.insert(m), p).fetchone()
+        row = conn.cursor(row_factory=dict_row).execute(livesql.insert(m), p).fetchone()
         assert row is not None
-        result.inserted += int(row[0])
-        result.quarantined += int(row[1])
+        result.inserted += int(row["inserted"])
+        result.quarantined += int(row["quarantined"])
         if m.embedding:
             conn.execute(livesql.embeddings(m), p)
         conn.execute(livesql.CLEAR_RESOLVED, p)
@@ -335,24 +323,25 @@ def _apply_long_term(conn: psycopg.Connection, m: TableMapping, changes: list[di
     olds, news = _last_change(changes, "old_key"), _last_change(changes, "new_key")
     outcomes: dict[int, Outcome] = {}
     if olds:
-        items = [str(r[0]) for r in conn.execute(livesql.ITEM_KEYS, {"keys": sorted(olds)})]
-        by_row = {k: olds[k.split("#")[0]] for k in items}
+        found = conn.cursor(row_factory=scalar_row).execute(livesql.item_keys(m), {"keys": sorted(olds)})
+        items = [str(k) for k in found]
+        by_row = {k: olds[ITEM_KEYS.row_of(k)] for k in items}
         conflicted = _conflicts(conn, {**params, "keys": items}, by_row, result)
         with conn.cursor(row_factory=dict_row) as cur:
             live = [r["id"] for r in cur.execute(livesql.lock_memories(), {**params, "keys": items})
                     if r["live"] and r["source_key"] not in conflicted]
         result.deleted += len(live)
-        conn.execute(livesql.RETIRE, {**params, "keys": items, "cids": [by_row[k]["change_id"] for k in items],
-                                      "soft": [k not in conflicted for k in items], "audited": live})
-        conn.execute(livesql.CLEAR_LONG_TERM_QUARANTINE, {"ctids": sorted(olds)})
+        conn.execute(livesql.retire(m), {**params, "keys": items, "cids": [by_row[k]["change_id"] for k in items],
+                                         "soft": [k not in conflicted for k in items], "audited": live})
+        conn.execute(livesql.clear_item_quarantine(m), {"ctids": sorted(olds)})
         outcomes.update({by_row[k]["change_id"]: "conflict" for k in conflicted})
     if news:
-        conn.execute(livesql.CLEAR_LONG_TERM_QUARANTINE, {"ctids": sorted(news)})
-        row = conn.execute(livesql.long_term_insert(m), {
+        conn.execute(livesql.clear_item_quarantine(m), {"ctids": sorted(news)})
+        row = conn.cursor(row_factory=dict_row).execute(livesql.long_term_insert(m), {
             **params, "ctids": sorted(news), "cids": [news[k]["change_id"] for k in sorted(news)]}).fetchone()
         assert row is not None
-        result.inserted += int(row[0])
-        result.quarantined += int(row[1])
+        result.inserted += int(row["inserted"])
+        result.quarantined += int(row["quarantined"])
     return outcomes
 
 

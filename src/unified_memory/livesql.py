@@ -8,16 +8,20 @@ of order, or after the bulk pass already saw the row, ends in the same state. Ke
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from psycopg import sql
 
-from .mapping import LONG_TERM_ROW_QUARANTINE, TableMapping
+from .batchsql import expires_at
+from .sources import ITEM_KEYS, row_reason_sql
 
-LONG_TERM = "long_term_memory"
+if TYPE_CHECKING:
+    from .mapping import TableMapping
+
 _TYPES = {"uuid": sql.SQL("uuid"), "text": sql.SQL("text"), "tid": sql.SQL("tid")}
 _AUDIT = sql.SQL(
     "audit AS (INSERT INTO memory_access_log (memory_id, user_id, org_id, access_type, correlation_id) "
     "SELECT id, user_id, org_id, 'delete', %(correlation)s FROM del RETURNING 1)")
-_EXPIRES = "calculate_expires_at(decay_tier, CASE WHEN %(expiry)s = 'created' THEN created_at ELSE now() END)"
 
 
 def _exprs(m: TableMapping) -> sql.Composable:
@@ -117,8 +121,8 @@ dup AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reaso
         ON CONFLICT (source_table, source_key) DO UPDATE SET reason = 'duplicate_id',
             duplicate_of = EXCLUDED.duplicate_of, raw_row = EXCLUDED.raw_row, quarantined_at = now()
         RETURNING 1){vectors}
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM dup)""").format(
-        cur=current(m), targets=targets, expires=sql.SQL(_EXPIRES), vectors=vectors)
+SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM dup) AS quarantined""").format(
+        cur=current(m), targets=targets, expires=expires_at(), vectors=vectors)
 
 
 def embeddings(m: TableMapping) -> sql.Composed:
@@ -142,58 +146,66 @@ SYNC = sql.SQL(
     "ON CONFLICT (memory_id) DO UPDATE SET version = EXCLUDED.version")
 
 # ------------------------------------------------------------------------------------------ long_term_memory
-# Items of a row are keyed <ctid>#<n> with n = 0, 1, ... each with one outcome (memory or quarantine), so the
-# item keys of a ctid are found by walking n up until neither exists.
-ITEM_KEYS = sql.SQL("""WITH RECURSIVE it(c, i) AS (
+# Items of a row are keyed <ctid>#<n> (``sources.ITEM_KEYS``) with n = 0, 1, ... each with one outcome (memory
+# or quarantine), so the item keys of a ctid are found by walking n up until neither exists.
+_K = ITEM_KEYS
+
+
+def item_keys(m: TableMapping) -> sql.Composed:
+    """The item keys with an outcome of the row keys (ctids) ``%(keys)s`` (one column)."""
+    return sql.SQL("""WITH RECURSIVE it(c, i) AS (
     SELECT c, 0 FROM unnest(%(keys)s::text[]) c
     UNION ALL
     SELECT it.c, it.i + 1 FROM it WHERE
         EXISTS (SELECT 1 FROM memories x
-                WHERE x.source_table = 'long_term_memory' AND x.source_key = it.c || '#' || it.i)
+                WHERE x.source_table = {t} AND x.source_key = {item})
         OR EXISTS (SELECT 1 FROM memory_migration_quarantine q
-                   WHERE q.source_table = 'long_term_memory' AND q.source_key = it.c || '#' || it.i)
+                   WHERE q.source_table = {t} AND q.source_key = {item})
 )
-SELECT c || '#' || i FROM it""")
+SELECT {key} FROM it""").format(t=sql.Literal(m.table), item=sql.SQL(_K.sql("it.c", "it.i")),
+                                 key=sql.SQL(_K.sql("c", "i")))
 
-RETIRE = sql.SQL("""WITH r AS (
+
+def retire(m: TableMapping) -> sql.Composed:
+    """The memories at the item keys ``%(keys)s`` give their key up (a row version gone), soft-deleted and
+    audited where ``%(soft)s``; the migration's version of each is recorded."""
+    return sql.SQL("""WITH r AS (
     SELECT * FROM unnest(%(keys)s::text[], %(cids)s::bigint[], %(soft)s::bool[]) AS r(k, cid, soft)
 ),
-del AS (UPDATE memories m SET source_key = m.source_key || '~' || r.cid,
+del AS (UPDATE memories m SET source_key = {retired},
                deleted_at = CASE WHEN r.soft THEN coalesce(m.deleted_at, now()) ELSE m.deleted_at END
-        FROM r WHERE m.source_table = 'long_term_memory' AND m.source_key = r.k
+        FROM r WHERE m.source_table = {t} AND m.source_key = r.k
         RETURNING m.id, m.user_id, m.org_id, m.version, r.soft AS soft),
 sync AS (INSERT INTO memory_migration_synced (memory_id, version)
          SELECT id, version FROM del WHERE soft
          ON CONFLICT (memory_id) DO UPDATE SET version = EXCLUDED.version)
 INSERT INTO memory_access_log (memory_id, user_id, org_id, access_type, correlation_id)
-SELECT id, user_id, org_id, 'delete', %(correlation)s FROM del WHERE soft AND id = ANY(%(audited)s::uuid[])""")
-
-CLEAR_LONG_TERM_QUARANTINE = sql.SQL(
-    "DELETE FROM memory_migration_quarantine WHERE source_table = 'long_term_memory' "
-    "AND split_part(source_key, '#', 1) = ANY(%(ctids)s::text[])")
+SELECT id, user_id, org_id, 'delete', %(correlation)s FROM del WHERE soft AND id = ANY(%(audited)s::uuid[])"""
+    ).format(t=sql.Literal(m.table), retired=sql.SQL(_K.sql_retired("m.source_key", "r.cid")))
 
 
-def long_term_insert(m: TableMapping) -> sql.Composed:
-    """The items of the current rows at ``%(ctids)s`` become memories or quarantine rows; an id still held by
-    a retired memory of an earlier row at the same ctid gets the change id as a suffix."""
-    reasons = "CASE " + " ".join(f"WHEN {c} THEN '{r}'" for r, c in LONG_TERM_ROW_QUARANTINE) + " END"
-    names = _targets(m)
-    picked = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN EXISTS (SELECT 1 FROM memories x WHERE x.id = mp.id) THEN memory_migration_uuid("
-                "'long_term_memory:' || mp.source_key || '~' || mp.cid) ELSE mp.id END") if n == "id"
-        else sql.SQL("mp.{}").format(sql.Identifier(n)) for n in names)
+def clear_item_quarantine(m: TableMapping) -> sql.Composed:
+    """Quarantine rows of the row keys (ctids) ``%(ctids)s`` and of their items are removed."""
+    return sql.SQL("DELETE FROM memory_migration_quarantine WHERE source_table = {t} "
+                   "AND {row} = ANY(%(ctids)s::text[])").format(t=sql.Literal(m.table),
+                                                               row=sql.SQL(_K.sql_row("source_key")))
+
+
+def _rows_in(m: TableMapping) -> sql.Composed:
+    """CTEs ``rows_in``, ``row_outcome``, ``rq`` (row-level quarantine) and ``s`` (the items) of the current rows
+    at ``%(ctids)s``, each with the change id ``cid`` that named it."""
     return sql.SQL("""WITH rows_in AS (  -- the row-level columns of batchsql's long_term prelude (NUL-safe document)
     SELECT s.ctid::text AS row_key, s AS row_value, s.user_id, s.memory_json, w.cid,
            s.memory_json IS NULL AS json_missing, d.doc,
            d.doc IS NOT NULL AND strpos(s.memory_json, E'\\\\u0000') > 0
                AND memory_migration_try_jsonb(s.memory_json) IS NULL AS nul_replaced
-    FROM long_term_memory s JOIN unnest(%(ctids)s::text[], %(cids)s::bigint[]) AS w(c, cid) ON s.ctid = w.c::tid
+    FROM {table} s JOIN unnest(%(ctids)s::text[], %(cids)s::bigint[]) AS w(c, cid) ON s.ctid = w.c::tid
     CROSS JOIN LATERAL (SELECT memory_migration_json_doc(s.memory_json) AS doc OFFSET 0) d
     WHERE s.ctid = ANY(%(ctids)s::tid[])
 ),
 row_outcome AS (SELECT r.*, {reasons} AS reason FROM rows_in r),
 rq AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reason, raw_row, run_id)
-       SELECT 'long_term_memory', row_key, reason, to_jsonb(row_value), %(run_id)s FROM row_outcome
+       SELECT {t}, row_key, reason, to_jsonb(row_value), %(run_id)s FROM row_outcome
        WHERE reason IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1),
 s AS (
     SELECT o.row_key, e.idx - 1 AS item_index, e.item, o.user_id, o.cid, o.nul_replaced
@@ -201,17 +213,30 @@ s AS (
     CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(o.doc) WHEN 'array' THEN o.doc
                                                  ELSE jsonb_build_array(o.doc) END) WITH ORDINALITY AS e(item, idx)
     WHERE o.reason IS NULL
-),
+),""").format(table=sql.Identifier(m.table), t=sql.Literal(m.table), reasons=sql.SQL(row_reason_sql()))
+
+
+def long_term_insert(m: TableMapping) -> sql.Composed:
+    """The items of the current rows at ``%(ctids)s`` become memories or quarantine rows; an id still held by
+    a retired memory of an earlier row at the same ctid gets the change id as a suffix."""
+    names = _targets(m)
+    retired_id = sql.SQL("memory_migration_uuid({} || {})").format(
+        sql.Literal(f"{m.table}:"), sql.SQL(_K.sql_retired("mp.source_key", "mp.cid")))
+    picked = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN EXISTS (SELECT 1 FROM memories x WHERE x.id = mp.id) THEN {} ELSE mp.id END").format(
+            retired_id) if n == "id" else sql.SQL("mp.{}").format(sql.Identifier(n)) for n in names)
+    return sql.SQL("""{rows_in}
 mp AS (SELECT {key} AS source_key, s.cid, s AS raw_row, {reason} AS reason, {exprs} FROM s),
 ins AS (INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at)
-        SELECT {picked}, {expires}, 'long_term_memory', mp.source_key, now() FROM mp
+        SELECT {picked}, {expires}, {t}, mp.source_key, now() FROM mp
         WHERE mp.reason IS NULL AND NOT EXISTS (SELECT 1 FROM memories x
-              WHERE x.source_table = 'long_term_memory' AND x.source_key = mp.source_key)
+              WHERE x.source_table = {t} AND x.source_key = mp.source_key)
         ON CONFLICT DO NOTHING RETURNING 1),
 iq AS (INSERT INTO memory_migration_quarantine (source_table, source_key, reason, raw_row, run_id)
-       SELECT 'long_term_memory', source_key, reason, to_jsonb(raw_row), %(run_id)s FROM mp
+       SELECT {t}, source_key, reason, to_jsonb(raw_row), %(run_id)s FROM mp
        WHERE reason IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1)
-SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq)""").format(
-        reasons=sql.SQL(reasons), key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), exprs=_exprs(m),
-        targets=sql.SQL(", ").join(map(sql.Identifier, names)), picked=picked,
-        expires=sql.SQL(_EXPIRES.replace("decay_tier", "mp.decay_tier").replace("created_at", "mp.created_at")))
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq) AS quarantined""").format(
+        rows_in=_rows_in(m), key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), exprs=_exprs(m),
+        targets=sql.SQL(", ").join(map(sql.Identifier, names)), picked=picked, t=sql.Literal(m.table),
+        expires=expires_at(sql.SQL("mp")))

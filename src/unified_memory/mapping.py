@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .sources import ItemSource, RowSource, Source
+
 # ------------------------------------------------------------------------------------- vocabularies
 
 
@@ -70,7 +72,7 @@ class Column:
 
     def sql(self) -> str:
         if self.transform is not None:
-            return "(" + self.transform.replace("{x}", f"({self.expr})") + ")"
+            return "(" + self.transform.format(x=f"({self.expr})") + ")"
         if self.vocab is not None:
             return self.vocab.normalise(self.expr, self.default or self.vocab.fallback)
         if self.clamp is not None:
@@ -133,16 +135,32 @@ class TableMapping:
 
     table: str
     shape: str
-    key: str  # SQL: the source key, text, unique per memory
-    order: str  # the keyset column (``s.id``) or ``s.ctid`` for tables without a key
-    order_type: str  # uuid | text | tid
+    source: Source  # rows of a keyed table, or items of long_term_memory: keys, predicates, statements
     columns: dict[str, Column]
     meta: str  # SQL: the source's own metadata (any JSON; made an object)
     legacy: dict[str, str] = field(default_factory=dict)  # meta.legacy key -> SQL, kept verbatim
     quarantine: tuple[tuple[str, str], ...] = ()  # (reason, SQL condition), first match wins
     size: str = "0"  # SQL: stored bytes of the row's big values, to bound a batch
     embedding: str | None = None  # SQL: a vector as real[], kept for the vectors step
-    expands: bool = False  # long_term_memory: one row gives several memories
+
+    @property
+    def key(self) -> str:
+        """SQL: the source key, text, unique per memory."""
+        return self.source.key
+
+    @property
+    def order(self) -> str:
+        """The keyset column (``s.id``), or ``s.ctid`` for a table without a key."""
+        return self.source.order
+
+    @property
+    def order_type(self) -> str:
+        return self.source.order_type
+
+    @property
+    def expands(self) -> bool:
+        """One row gives several memories (long_term_memory)."""
+        return self.source.expands
 
     @property
     def targets(self) -> list[str]:
@@ -185,9 +203,10 @@ _USER_SCOPE = "CASE WHEN left(s.scope, 5) = 'user:' AND length(s.scope) > 5 THEN
 _CONVO_SCOPE = "CASE WHEN left(s.scope, 6) = 'convo:' AND substr(s.scope, 7) ~* " \
                "'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN substr(s.scope, 7)::uuid END"
 _COMMON_QUARANTINE = (("empty_text", _BLANK.format("s.content")),)
+_BY_ID = RowSource("s.id::text", "s.id", "uuid")
 
 _ITEMS_I1 = TableMapping(
-    table="memory_items", shape="I1", key="s.id::text", order="s.id", order_type="uuid",
+    table="memory_items", shape="I1", source=_BY_ID,
     columns={
         "id": Column("s.id"),
         "user_id": Column(_USER_SCOPE),
@@ -209,7 +228,7 @@ _ITEMS_I1 = TableMapping(
 
 _I2_OWNER = f"coalesce(s.user_id::text, {_USER_SCOPE})"
 _ITEMS_I2 = TableMapping(
-    table="memory_items", shape="I2", key="s.id::text", order="s.id", order_type="uuid",
+    table="memory_items", shape="I2", source=_BY_ID,
     columns={
         **_ITEMS_I1.columns,
         "user_id": Column(_I2_OWNER),
@@ -241,7 +260,7 @@ _ITEMS_I2 = TableMapping(
 _I3_OWNER = f"coalesce(nullif(btrim(s.user_id), ''), {_USER_SCOPE})"
 _UUID_TEXT = "'^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'"
 _ITEMS_I3 = TableMapping(
-    table="memory_items", shape="I3", key="s.memory_id", order="s.memory_id", order_type="text",
+    table="memory_items", shape="I3", source=RowSource("s.memory_id", "s.memory_id", "text"),
     columns={
         "id": Column(f"CASE WHEN s.memory_id ~ {_UUID_TEXT} THEN s.memory_id::uuid "
                      "ELSE memory_migration_uuid('memory_items:' || s.memory_id) END"),
@@ -265,7 +284,7 @@ _ITEMS_I3 = TableMapping(
 )
 
 _ENTRIES_E1 = TableMapping(
-    table="memory_entries", shape="E1", key="s.id::text", order="s.id", order_type="uuid",
+    table="memory_entries", shape="E1", source=_BY_ID,
     columns={
         "id": Column("s.id"),
         "user_id": Column("s.user_id::text"),
@@ -298,7 +317,7 @@ _ENTRIES_E1 = TableMapping(
 
 def _web_ui(table: str, shape: str) -> TableMapping:
     return TableMapping(
-        table=table, shape=shape, key="s.id::text", order="s.id", order_type="uuid",
+        table=table, shape=shape, source=_BY_ID,
         columns={
             "id": Column("s.id"),
             "user_id": Column("s.user_id::text"),
@@ -320,17 +339,16 @@ def _web_ui(table: str, shape: str) -> TableMapping:
     )
 
 
-# long_term_memory: the source rows ``s`` are the items of a row's memory_json (see migrate.py), with
-# s.row_key (the row's ctid), s.item_index, s.item (jsonb) and s.user_id.
+# long_term_memory: the source rows ``s`` are the items of a row's memory_json (``ItemSource``).
+_ITEMS = ItemSource()
 _LT_TEXT = "CASE jsonb_typeof(s.item) WHEN 'string' THEN s.item #>> '{}' ELSE s.item ->> 'content' END"
 _LT_TIME = "memory_migration_parse_time(s.item ->> 'created_at', %(tz)s)"
 _LT_IMPORTANCE = ("CASE WHEN jsonb_typeof({x}) = 'number' "
                   "THEN least(greatest(round(({x})::text::numeric), 1), 10)::int ELSE 6 END")
 _LONG_TERM = TableMapping(
-    table="long_term_memory", shape="L1", key="s.row_key || '#' || s.item_index", order="s.ctid",
-    order_type="tid",
+    table="long_term_memory", shape="L1", source=_ITEMS,
     columns={
-        "id": Column("memory_migration_uuid('long_term_memory:' || s.row_key || '#' || s.item_index)"),
+        "id": Column(f"memory_migration_uuid('long_term_memory:' || {_ITEMS.key})"),
         "user_id": Column("s.user_id"),
         "text": Column(_LT_TEXT),
         "tags": json_array("(s.item -> 'tags')"),
@@ -354,17 +372,6 @@ _LONG_TERM = TableMapping(
         ("empty_text", _BLANK.format(_LT_TEXT)),
     ),
     size="coalesce(octet_length(s.memory_json), 0)",
-    expands=True,
-)
-
-# Row-level outcomes of long_term_memory, before its items are expanded (first match wins).
-LONG_TERM_ROW_QUARANTINE: tuple[tuple[str, str], ...] = (
-    ("null_value", "r.json_missing"),
-    ("invalid_json", "r.doc IS NULL"),
-    ("json_null", "jsonb_typeof(r.doc) = 'null'"),
-    ("scalar_json", "jsonb_typeof(r.doc) IN ('number', 'boolean')"),
-    ("empty_array", "jsonb_typeof(r.doc) = 'array' AND jsonb_array_length(r.doc) = 0"),
-    ("missing_owner", "btrim(coalesce(r.user_id, '')) = ''"),
 )
 
 MAPPINGS: dict[tuple[str, str], TableMapping] = {

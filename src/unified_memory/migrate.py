@@ -140,14 +140,7 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
         opts = replace(opts, jobs=jobs)
         run = MigrationRun("running", opts.dry_run, options=opts.to_dict())
         with run.phases.timed("detect"):
-            detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
-            run.shapes = {t: d.shape if d else None for t, d in detected.items()}
-            present = {t: d for t, d in detected.items() if d is not None}
-            for relation in present.values():
-                check_relation(conn, relation)
-            privileges.require(conn, "migrate", legacy=list(present))
-        for table, found in detected.items():
-            log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+            present = _detect(conn, run, opts)
         if not opts.dry_run:
             with run.phases.timed("start_capture"):  # before anything is read: every later write is captured
                 live.start_capture(conn, present, lock_timeout_ms=opts.lock_timeout_ms)
@@ -173,6 +166,19 @@ def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *
                 _real_run(conn, run, present, pending, opts, progress, workers)
     run.seconds = time.monotonic() - started
     return run
+
+
+def _detect(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOptions) -> dict[str, Detected]:
+    """The chosen legacy tables that exist, in PRECEDENCE order, checked and with their shapes in ``run``."""
+    detected = {t: detect(conn, t) for t in PRECEDENCE if t in opts.tables}
+    run.shapes = {t: d.shape if d else None for t, d in detected.items()}
+    present = {t: d for t, d in detected.items() if d is not None}
+    for relation in present.values():
+        check_relation(conn, relation)
+    privileges.require(conn, "migrate", legacy=list(present))
+    for table, found in detected.items():
+        log.info("detected table=%s shape=%s", table, found.shape if found else "missing (skipped)")
+    return present
 
 
 def _real_run(conn: psycopg.Connection, run: MigrationRun, present: dict[str, Detected], pending: dict[str, int],
@@ -307,7 +313,7 @@ def _migrate_range(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, 
 def ids_follow_keys(m: TableMapping) -> bool:
     """Whether distinct source keys always give distinct memory ids, so that key ranges of the table can run
     in parallel without changing which row keeps an id (I3's text ids do not: 'A…' and 'a…' are one uuid)."""
-    return m.expands or m.columns["id"].expr == m.order
+    return m.source.ids_follow_keys(m)
 
 
 def _refresh_statistics(conn: psycopg.Connection) -> None:
@@ -344,36 +350,13 @@ def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object
 
 def _next_upper(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, after: str | None,
                 params: dict[str, object]) -> tuple[str | None, int]:
-    """The next batch's upper key and row count within ``rg``; for ctid tables an empty window just moves on."""
-    cur = conn.cursor(row_factory=dict_row)
-    if not m.expands:
-        row = cur.execute(batchsql.next_upper(m, pending=rg.anti_join),
-                          {**params, "after": after, "range_end": rg.upper}).fetchone()
-        return (row["upper"], int(row["rows"])) if row else (None, 0)
-    start_page = ranges.page(after) if after else 0
-    pages = cur.execute(
-        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int AS total, "
-        "CASE WHEN c.relpages > 0 AND c.reltuples > 0 THEN c.reltuples / c.relpages ELSE 40 END AS per_page "
-        "FROM pg_class c WHERE c.oid = to_regclass(%s)", [m.table]).fetchone()
-    assert pages is not None
-    end_page = ranges.page(rg.upper) if rg.upper else int(pages["total"])
-    if start_page >= end_page:
-        return None, 0
-    window = max(1, int(int(params["limit"]) / max(float(pages["per_page"]), 1.0)) + 1)  # type: ignore[call-overload]
-    window_end = f"({min(start_page + window, end_page)},0)"
-    row = cur.execute(batchsql.next_upper(m), {**params, "after": after or "(0,0)", "window_end": window_end}
-                      ).fetchone()
-    if row:
-        return row["upper"], int(row["rows"])
-    return window_end, 0
+    """The next batch's upper key and row count within ``rg`` (for ctid tables an empty window just moves on)."""
+    return m.source.next_batch(conn, m, rg, after, params)
 
 
 def _pending(conn: psycopg.Connection, m: TableMapping) -> int:
     """Source rows that have no outcome yet (for ctid tables: rows past the checkpoints)."""
-    if m.expands:
-        return ranges.pending_rows(conn, m)
-    return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(
-        sql.Identifier(m.table), batchsql.not_accounted(m))))
+    return m.source.pending(conn, m)
 
 
 def _defer_indexes(conn: psycopg.Connection) -> None:

@@ -10,16 +10,17 @@ row in ``memory_migration_checkpoints`` (017) is completed and the ranges are re
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, dict_row
 
-from . import batchsql
 from .db import scalar
-from .mapping import TableMapping
+
+if TYPE_CHECKING:
+    from .mapping import TableMapping
 
 
 @dataclass
@@ -52,17 +53,6 @@ _COLUMNS = ("source_table, range_no, shape, lower_key, upper_key, last_key, anti
             "completed_at IS NOT NULL AS completed")
 
 
-def page(tid: str) -> int:
-    """The page number of a ``(page,offset)`` ctid text."""
-    match = re.match(r"\((\d+),(\d+)\)", tid)
-    return int(match.group(1)) if match else 0
-
-
-def _tid(text: str) -> tuple[int, int]:
-    match = re.match(r"\((\d+),(\d+)\)", text)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 def _checkpoint(conn: psycopg.Connection, m: TableMapping) -> dict[str, object] | None:
     return conn.cursor(row_factory=dict_row).execute(
         "SELECT last_key, completed_at IS NOT NULL AS completed, shape FROM memory_migration_checkpoints "
@@ -85,11 +75,12 @@ def plan(conn: psycopg.Connection, m: TableMapping, *, jobs: int, pending_rows: 
         if found and all(r.shape == m.shape for r in found):
             return found
         last = str(ck["last_key"]) if ck["last_key"] is not None else None  # a pass of a version before 019
-        return _save(conn, m, [Range(m.table, 0, m.shape, last, None, None, not m.expands, False)], run_id)
+        return _save(conn, m, [Range(m.table, 0, m.shape, last, None, None, m.source.anti_join, False)], run_id)
     if ck is not None and ck["shape"] == m.shape and ck["completed"]:  # catch-up of rows added since
-        lower = str(ck["last_key"]) if m.expands and ck["last_key"] is not None else None
-        return _save(conn, m, [Range(m.table, 0, m.shape, lower, None, None, not m.expands, False)], run_id)
-    anti_join = not m.expands and _has_outcomes(conn, m)
+        last = str(ck["last_key"]) if ck["last_key"] is not None else None
+        lower = m.source.resume_after(last)
+        return _save(conn, m, [Range(m.table, 0, m.shape, lower, None, None, m.source.anti_join, False)], run_id)
+    anti_join = m.source.anti_join and _has_outcomes(conn, m)
     n = max(1, min(jobs, pending_rows // max(batch_size, 1)))
     cuts: list[str | None] = [None, *(bounds(conn, m, n) if n > 1 and not anti_join else []), None]
     made = [Range(m.table, i, m.shape, cuts[i], cuts[i + 1], None, anti_join, False) for i in range(len(cuts) - 1)]
@@ -103,15 +94,7 @@ def _has_outcomes(conn: psycopg.Connection, m: TableMapping) -> bool:
 
 def bounds(conn: psycopg.Connection, m: TableMapping, n: int) -> list[str | None]:
     """``n - 1`` keys cutting the table into ``n`` ranges of about equal rows (pages for ctid tables)."""
-    if m.expands:
-        pages = int(scalar(conn, "SELECT pg_relation_size(to_regclass(%s)) / current_setting('block_size')::int",
-                           [m.table]) or 0)
-        cuts = sorted({pages * i // n for i in range(1, n)} - {0})
-        return [f"({p},0)" for p in cuts]
-    rows = int(scalar(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(m.table))) or 0)
-    step = max(1, -(-rows // n))
-    keys = [r["key"] for r in conn.cursor(row_factory=dict_row).execute(batchsql.key_boundaries(m), {"step": step})]
-    return keys[: n - 1]
+    return m.source.bounds(conn, m, n)
 
 
 def _save(conn: psycopg.Connection, m: TableMapping, made: list[Range], run_id: int | None) -> list[Range]:
@@ -158,7 +141,7 @@ def finish(conn: psycopg.Connection, m: TableMapping, run_id: int | None) -> Non
     reached = [k for r in found for k in (r.last_key, r.lower_key) if k is not None]
     last: str | None = None
     if reached:
-        last = max(reached, key=_tid) if m.expands else max(reached)
+        last = m.source.latest(reached)
     conn.execute("UPDATE memory_migration_checkpoints SET completed_at = now(), updated_at = now(), run_id = %s, "
                  "last_key = coalesce(%s, last_key) WHERE source_table = %s", [run_id, last, m.table])
     conn.execute("DELETE FROM memory_migration_ranges WHERE source_table = %s", [m.table])

@@ -21,6 +21,7 @@ from .batchsql import mapped_source, range_predicate
 from .db import relation_exists, scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 from .parallel import Workers
+from .sources import ITEM_KEYS
 
 _SLICE = "('x' || left(h, 16))::bit(64)::bigint::numeric"
 # Memories compared with their source: live ones without a recorded conflict (020). A soft-deleted memory of a
@@ -61,8 +62,7 @@ def counts(conn: psycopg.Connection, table: str, shape: str) -> dict[str, Any]:
 
 
 def _compared_columns(m: TableMapping) -> list[str]:
-    # long_term_memory ids derive from the ctid key; one reused by a later row gets a suffix (live.py)
-    return [c for c in RECONCILED if (c in m.columns or c == "meta") and not (m.expands and c == "id")]
+    return [c for c in RECONCILED if (c in m.columns or c == "meta") and c not in m.source.uncompared]
 
 
 def _source_hash(m: TableMapping) -> sql.Composable:
@@ -92,8 +92,9 @@ def _pairs(m: TableMapping, sliced: bool = False) -> sql.Composed:
     """CTEs ``src`` and ``dst``: (source_key, tenant, h) for every migrated row, on each side; with ``sliced``,
     the source rows in key range ``(%(after)s, %(upper)s]`` and the memories whose key hashes to ``%(slice)s``
     of ``%(slices)s``."""
-    prelude, source = mapped_source(m, range_predicate(m) if sliced else None)
-    own_range = sql.SQL(" AND {}").format(range_predicate(m)) if sliced and not m.expands else sql.SQL("")
+    where = range_predicate(m) if sliced else None
+    prelude, source = mapped_source(m, where)
+    own_range = m.source.filter_rows(where)
     dst_slice = sql.SQL(" AND (hashtext(m.source_key) & 2147483647) %% %(slices)s = %(slice)s") if sliced \
         else sql.SQL("")
     return sql.SQL("""WITH {prelude}
@@ -157,11 +158,14 @@ def content(conn: psycopg.Connection, table: str, shape: str, *, source_timezone
 
 def outcomes_without_source(conn: psycopg.Connection, table: str) -> int:
     """Source rows with a recorded outcome, counted from memories and the quarantine alone (table gone)."""
-    retired = sql.SQL("")  # memories catch-up soft-deleted: their row was gone from the table before it was dropped
+    # memories catch-up soft-deleted: their row was gone from the table before it was dropped
+    retired: sql.Composable = sql.SQL("")
     if relation_exists(conn, "memory_migration_synced"):
-        retired = sql.SQL("AND strpos(m.source_key, '~') = 0 AND NOT (m.deleted_at IS NOT NULL AND m.version <= "
-                          "coalesce((SELECT s.version FROM memory_migration_synced s WHERE s.memory_id = m.id), 1))")
-    return int(scalar(conn, sql.SQL(
-        "SELECT count(DISTINCT split_part(k, '#', 1)) FROM (SELECT m.source_key AS k FROM memories m "
-        "WHERE m.source_table = %(t)s {} UNION ALL SELECT source_key FROM memory_migration_quarantine "
-        "WHERE source_table = %(t)s) o").format(retired), {"t": table}))
+        retired = sql.SQL("AND {} AND NOT (m.deleted_at IS NOT NULL AND m.version <= "
+                          "coalesce((SELECT s.version FROM memory_migration_synced s WHERE s.memory_id = m.id), 1))"
+                          ).format(sql.SQL(ITEM_KEYS.sql_current("m.source_key")))
+    return int(scalar(conn, sql.SQL(  # an item's outcome counts for its row (a row's key is the row of itself)
+        "SELECT count(DISTINCT {row}) FROM (SELECT m.source_key AS k FROM memories m "
+        "WHERE m.source_table = %(t)s {retired} UNION ALL SELECT source_key FROM memory_migration_quarantine "
+        "WHERE source_table = %(t)s) o").format(row=sql.SQL(ITEM_KEYS.sql_row("k")), retired=retired),
+        {"t": table}))

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
+from psycopg.rows import dict_row
 
 from .db import scalar
 from .errors import ShapeError
-from .mapping import mapping_for
+from .mapping import PRECEDENCE, mapping_for
 
-LEGACY_TABLES = ("memory_items", "memory_entries", "web_ui_memory_entries", "long_term_memory")
+LEGACY_TABLES = PRECEDENCE  # the legacy tables, in the order they are migrated
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,14 @@ class Detected:
 
 def table_columns(conn: psycopg.Connection, table: str) -> dict[str, str]:
     """Column name -> type (``format_type``) of ``table`` in the current schema; empty when it is missing."""
-    rows = conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    rows = conn.cursor(row_factory=dict_row).execute(
+        "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type FROM pg_attribute a "
         "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = current_schema() AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
         "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
         [table],
     ).fetchall()
-    return {name: typ for name, typ in rows}
+    return {r["name"]: r["type"] for r in rows}
 
 
 def detect(conn: psycopg.Connection, table: str) -> Detected | None:
@@ -120,12 +120,6 @@ def check_relation(conn: psycopg.Connection, found: Detected) -> None:
         return
     what = _KINDS.get(kind, f"relation of kind {kind!r}")
     m = mapping_for(found.table, found.shape)
-    if m.order_type == "tid":
-        raise ShapeError(f"{found.table} is a {what}: its rows are keyed by their ctid, which a {what} does not "
-                         "give uniquely; copy it into a plain table (CREATE TABLE ... AS SELECT) and run again")
-    bad = scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT {k} FROM {t} s GROUP BY {k} "
-                               "HAVING {k} IS NULL OR count(*) > 1) d").format(
-        k=sql.SQL(m.order), t=sql.Identifier(found.table)))
-    if bad:
-        raise ShapeError(f"{found.table} is a {what} with {bad} NULL or repeated keys ({m.order[2:]}): "
-                         "its rows cannot each be given one outcome; fix the keys or copy it into a table")
+    problem = m.source.relation_problem(conn, m, what)
+    if problem is not None:
+        raise ShapeError(problem)
