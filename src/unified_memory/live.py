@@ -200,20 +200,13 @@ def retry_locked(conn: psycopg.Connection, work: Callable[[], Any], *, lock_time
     Raises:
         LockBusy: the locks could not be taken in ``attempts`` tries.
     """
-    delay = 0.05
-    for attempt in range(1, attempts + 1):
-        try:
-            with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-                return work()
-        except psycopg.errors.LockNotAvailable as exc:
-            if attempt == attempts:
-                raise LockBusy(f"the legacy tables stayed locked by the application through {attempts} tries of "
-                               f"{lock_timeout_ms} ms; try again later or raise --lock-timeout-ms") from exc
-            log.info("lock not available (attempt %d of %d); retrying in %.2f s", attempt, attempts, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")
+    from . import locks
+
+    try:
+        return locks.retry_locked(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
+                                  busy="the legacy tables stayed locked by the application")
+    except LockBusy as exc:
+        raise LockBusy(f"{exc}; try again later or raise --lock-timeout-ms") from exc.__cause__
 
 
 # ------------------------------------------------------------------------------------------------ catch-up
