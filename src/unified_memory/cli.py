@@ -285,7 +285,7 @@ def migrate_cmd(
     with failures(opts):
         hook = None if no_backup or dry_run else _backup_hook(opts, key_file)
         with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
-            result = migrate(conn, options_, progress=progress, before_first_write=hook,  # type: ignore[arg-type]
+            result = migrate(conn, options_, progress=progress, before_first_write=hook,
                              lock_wait=opts.lock_wait)
             emit(opts, result, report.migration)
             if follow and not dry_run:
@@ -564,7 +564,7 @@ def vectors_sync(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECT
         result = vectors.follow(conn, client, spec, chosen, interval=interval, until_idle=until_idle,
                                 batch_size=batch_size, report=None if opts.json or opts.quiet else _shown) \
             if follow else vectors.sync(conn, client, spec, chosen, batch_size=batch_size, full=full,
-                                        progress=progress)  # type: ignore[arg-type]
+                                        progress=progress)
         emit(opts, result, report.vector_sync)
 
 

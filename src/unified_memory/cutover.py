@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import psycopg
 from psycopg import sql
@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from . import backup as backups
 from . import locks
 from .accounting import account
+from .checks import SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
 from .db import maintenance, relation_exists, scalar
 from .errors import MigrationError, UnifiedMemoryError
 from .live import CatchUp, Settings, capturing, catch_up, retry_locked, settings_of_last_run, stop_capture
@@ -42,33 +43,38 @@ class CleanupRefused(UnifiedMemoryError):
 
 
 @dataclass
-class CutoverResult:
+class CutoverResult(Serialised):
     """What the cutover did."""
 
-    tables: list[str] = field(default_factory=list)
-    before_lock: CatchUp = field(default_factory=CatchUp)
-    under_lock: CatchUp = field(default_factory=CatchUp)
-    attempts: int = 0
-    locked_seconds: float = 0.0
-    seconds: float = 0.0
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": "cut_over", "tables": self.tables, "catch_up_before_lock": self.before_lock.to_dict(),
-                "catch_up_under_lock": self.under_lock.to_dict(), "lock_attempts": self.attempts,
-                "locked_seconds": round(self.locked_seconds, 3), "seconds": round(self.seconds, 3)}
+    tables: list[str] = field(default_factory=list)
+    before_lock: CatchUp = field(default_factory=CatchUp, metadata=json_field(key="catch_up_before_lock"))
+    under_lock: CatchUp = field(default_factory=CatchUp, metadata=json_field(key="catch_up_under_lock"))
+    attempts: int = field(default=0, metadata=json_field(key="lock_attempts"))
+    locked_seconds: float = field(default=0.0, metadata=SECONDS)
+    seconds: float = field(default=0.0, metadata=SECONDS)
+
+    @property
+    def status(self) -> CutoverStatus:
+        return "cut_over"
 
 
 @dataclass
-class CleanupResult:
+class CleanupResult(Serialised):
     """The final backup and the tables dropped."""
 
-    backup: str
-    tables: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": "cleaned_up", "final_backup": self.backup, "dropped": self.tables,
-                "seconds": round(self.seconds, 3)}
+    backup: str = field(metadata=json_field(key="final_backup"))
+    tables: dict[str, int] = field(default_factory=dict, metadata=json_field(key="dropped"))
+    seconds: float = field(default=0.0, metadata=SECONDS)
+
+    @property
+    def status(self) -> CleanupStatus:
+        return "cleaned_up"
 
 
 def _present(conn: psycopg.Connection) -> list[str]:

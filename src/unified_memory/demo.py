@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 
 from . import backup, fixtures, metrics, report, schema, vectors
+from .checks import FAIL, Serialised
 from .embedders import HashingEmbedder
 from .health import health
 from .migrate import MigrationOptions, migrate
@@ -27,18 +28,18 @@ Show = Callable[[str, str], None]  # (heading, text)
 
 
 @dataclass
-class DemoResult:
+class DemoResult(Serialised):
     """Every stage's result, by stage name, and where the files went."""
+
+    json_derived: ClassVar[dict[str, str]] = {"ok": "ok"}
+    json_order: ClassVar[tuple[str, ...]] = ("ok", "files", "stages")
 
     stages: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.stages["validate"].status != "fail" and self.stages["vectors_verify"].ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "files": self.files, "stages": {k: v.to_dict() for k, v in self.stages.items()}}
+        return self.stages["validate"].status != FAIL and self.stages["vectors_verify"].ok
 
 
 def run_demo(conn: psycopg.Connection, client: MilvusClient, *, rows: int, workdir: Path, show: Show) -> DemoResult:

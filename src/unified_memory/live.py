@@ -16,14 +16,15 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
 from . import livesql
+from .checks import SECONDS, Serialised, json_field, rounded
 from .db import maintenance, relation_exists, scalar
 from .errors import LockBusy, translate
 from .mapping import TableMapping, mapping_for
@@ -36,8 +37,10 @@ Outcome = Literal["applied", "conflict", "table_gone"]
 
 
 @dataclass
-class CatchUp:
+class CatchUp(Serialised):
     """What one catch-up applied."""
+
+    json_derived: ClassVar[dict[str, str]] = {"changes_per_second": "changes_per_second"}
 
     changes: int = 0
     batches: int = 0
@@ -46,33 +49,28 @@ class CatchUp:
     deleted: int = 0
     quarantined: int = 0
     conflicts: int = 0
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
     lag: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changes_per_second(self) -> float:
+        return round(self.changes / self.seconds, 1) if self.seconds else 0.0
 
     def add(self, other: CatchUp) -> None:
         for name in ("changes", "batches", "inserted", "updated", "deleted", "quarantined", "conflicts", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.lag = other.lag
 
-    def to_dict(self) -> dict[str, Any]:
-        rate = self.changes / self.seconds if self.seconds else 0.0
-        return {**asdict(self), "seconds": round(self.seconds, 3), "changes_per_second": round(rate, 1)}
-
 
 @dataclass(frozen=True)
-class Lag:
+class Lag(Serialised):
     """Changes waiting for catch-up, the age of the oldest, conflicts so far, and which tables are captured."""
 
     waiting: int = 0
-    oldest_seconds: float | None = None
+    oldest_seconds: float | None = field(default=None, metadata=json_field(convert=rounded))
     conflicts: int = 0
     capturing: tuple[str, ...] = ()
     cut_over: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        age = None if self.oldest_seconds is None else round(self.oldest_seconds, 3)
-        return {"waiting": self.waiting, "oldest_seconds": age, "conflicts": self.conflicts,
-                "capturing": list(self.capturing), "cut_over": list(self.cut_over)}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import psycopg
 from psycopg import sql
@@ -31,6 +31,7 @@ from .backup import (
     tables_data,
     verify,
 )
+from .checks import SECONDS, RollbackStatus, Serialised, json_field
 from .db import maintenance, relation_exists, scalar
 from .errors import RollbackError, redacted_message, translate
 
@@ -52,10 +53,10 @@ _DELETE_UNCHANGED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s) A
 
 
 @dataclass
-class TableRestore:
+class TableRestore(Serialised):
     """What the rollback did (or would do) to one legacy table."""
 
-    table: str
+    table: str = field(metadata=json_field(omit=True))
     action: str  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
     rows: int
     rows_added_since: int = 0
@@ -63,15 +64,13 @@ class TableRestore:
     kept_new_rows: int = 0
     saved_as: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "rows": self.rows, "rows_added_since": self.rows_added_since,
-                "rows_missing_since": self.rows_missing_since, "kept_new_rows": self.kept_new_rows,
-                "saved_as": self.saved_as}
-
 
 @dataclass
-class RollbackResult:
+class RollbackResult(Serialised):
     """The rollback's plan or outcome."""
+
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
     backup: str
     dry_run: bool
@@ -80,19 +79,12 @@ class RollbackResult:
     memories_kept_changed: int = 0
     quarantine_cleared: int = 0
     checkpoints_cleared: int = 0
-    runs_marked: int = 0
-    seconds: float = 0.0
+    runs_marked: int = field(default=0, metadata=json_field(key="runs_marked_rolled_back"))
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
     @property
-    def status(self) -> str:
+    def status(self) -> RollbackStatus:
         return "planned" if self.dry_run else "rolled_back"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "backup": self.backup, "dry_run": self.dry_run,
-                "tables": {t: r.to_dict() for t, r in self.tables.items()},
-                "memories_removed": self.memories_removed, "memories_kept_changed": self.memories_kept_changed,
-                "quarantine_cleared": self.quarantine_cleared, "checkpoints_cleared": self.checkpoints_cleared,
-                "runs_marked_rolled_back": self.runs_marked, "seconds": round(self.seconds, 3)}
 
 
 def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None, dry_run: bool = False,

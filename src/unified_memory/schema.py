@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
 from . import adopt, drift, locks, sqlfile
+from .checks import SECONDS, Serialised, json_field
 from .db import relation_exists, scalar
 from .errors import SchemaError
 
@@ -56,7 +57,7 @@ class MigrationFile:
 
 
 @dataclass
-class SchemaStatus:
+class SchemaStatus(Serialised):
     """Applied and pending files, and applied files whose content changed since."""
 
     applied: list[dict[str, str]] = field(default_factory=list)
@@ -68,31 +69,17 @@ class SchemaStatus:
     drift: list[dict[str, str]] = field(default_factory=list)  # objects of applied files missing or altered
     untracked: list[str] = field(default_factory=list)  # applied before fingerprints were recorded
 
-    def to_dict(self) -> dict[str, object]:
-        return {"applied": self.applied, "pending": self.pending, "edited": self.edited,
-                "unrecorded": self.unrecorded, "adoptable": self.adoptable, "adopted": self.adopted,
-                "drift": self.drift, "untracked": self.untracked}
-
 
 @dataclass
-class SchemaResult:
+class SchemaResult(Serialised):
     """What ``up`` or ``down`` did."""
 
-    action: str
+    action: Literal["up", "down", "repair"]
     files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
     dry_run: bool = False
-    adoption: dict[str, Any] | None = None
-    reverted: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {"action": self.action, "files": self.files, "seconds": round(self.seconds, 3),
-                                   "dry_run": self.dry_run}
-        if self.adoption is not None:
-            data["adoption"] = self.adoption
-        if self.reverted is not None:
-            data["reverted"] = self.reverted
-        return data
+    adoption: dict[str, Any] | None = field(default=None, metadata=json_field(omit_if=lambda r: r.adoption is None))
+    reverted: dict[str, Any] | None = field(default=None, metadata=json_field(omit_if=lambda r: r.reverted is None))
 
 
 def discover(directory: Path | None = None) -> list[MigrationFile]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 
 from . import contract, drift, isolation, privileges, reconcile
 from .backup import BackupManifest
-from .checks import FAIL, PASS, WARN, Check
+from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status
 from .db import analyze, maintenance, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
@@ -32,16 +32,24 @@ __all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(Serialised):
     """Every check, and the distributions the guide lists (for people)."""
+
+    json_derived: ClassVar[dict[str, str]] = {"status": "status", "counts": "counts"}
+    json_order: ClassVar[tuple[str, ...]] = ("status", "counts", "seconds", "totals", "checks", "distributions")
 
     checks: list[Check] = field(default_factory=list)
     distributions: dict[str, list[list[Any]]] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
     @property
-    def status(self) -> str:
+    def counts(self) -> dict[Status, int]:
+        """Checks per verdict."""
+        return {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
+
+    @property
+    def status(self) -> Status:
         statuses = {c.status for c in self.checks}
         return FAIL if FAIL in statuses else WARN if WARN in statuses else PASS
 
@@ -53,11 +61,6 @@ class ValidationReport:
         if self.status == FAIL:
             raise ValidationFailed(f"{len(self.failed())} validation checks failed: "
                                    + ", ".join(c.name for c in self.failed()[:10]))
-
-    def to_dict(self) -> dict[str, Any]:
-        counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
-        return {"status": self.status, "counts": counts, "seconds": round(self.seconds, 3), "totals": self.totals,
-                "checks": [c.to_dict() for c in self.checks], "distributions": self.distributions}
 
 
 VectorChecks = Callable[[psycopg.Connection], list[Check]]
