@@ -28,7 +28,7 @@ from . import locks
 from .accounting import account
 from .checks import SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
 from .db import maintenance, relation_exists, scalar
-from .errors import MigrationError, UnifiedMemoryError
+from .errors import ConfirmationRequired, MigrationError, UnifiedMemoryError
 from .live import CatchUp, Settings, capturing, catch_up, retry_locked, settings_of_last_run, stop_capture
 from .mapping import PRECEDENCE
 from .shapes import detect
@@ -40,6 +40,10 @@ class CleanupRefused(UnifiedMemoryError):
     """Cleanup (or cutover) refused: a precondition does not hold; nothing was changed."""
 
     exit_code = 9
+
+
+class CleanupNotConfirmed(CleanupRefused, ConfirmationRequired):
+    """Cleanup was called without ``yes``."""
 
 
 @dataclass
@@ -150,7 +154,7 @@ def cleanup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None
             or other objects still depend on a legacy table; nothing was changed.
     """
     if not yes:
-        raise CleanupRefused("cleanup drops the legacy tables: pass --yes (a final backup is written first)")
+        raise CleanupNotConfirmed("cleanup drops the legacy tables", note="a final backup is written first")
     started = time.monotonic()
     with locks.hold(conn, "cleanup"):
         with maintenance(conn):

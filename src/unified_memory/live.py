@@ -204,7 +204,7 @@ def retry_locked(conn: psycopg.Connection, work: Callable[[], Any], *, lock_time
         return locks.retry_locked(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
                                   busy="the legacy tables stayed locked by the application")
     except LockBusy as exc:
-        raise LockBusy(f"{exc}; try again later or raise --lock-timeout-ms") from exc.__cause__
+        raise LockBusy(f"{exc}; try again later", option="lock_timeout_ms") from exc.__cause__
 
 
 # ------------------------------------------------------------------------------------------------ catch-up

@@ -89,7 +89,7 @@ def hold(conn: psycopg.Connection, command: Command, wait: float = DEFAULT_WAIT)
         if blocked is None:
             break
         if time.monotonic() >= deadline:
-            raise LockBusy(_busy_message(conn, command, blocked, wait))
+            raise LockBusy(_busy_message(conn, command, blocked, wait), option="lock_wait")
         time.sleep(_POLL)
     if not (saved_name.startswith("unified-memory ") and " pid=" in saved_name):  # an outer hold names the command
         conn.execute("SELECT set_config('application_name', %s, false)",
@@ -140,8 +140,7 @@ def _busy_message(conn: psycopg.Connection, command: Command, blocked: _Key, wai
     since = started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if started else "?"
     noun = _NOUN.get(what, what)
     return (f"another {noun} is running: `unified-memory {what}` holds the lock (client pid {client}, server "
-            f"pid {holder['server_pid']}, since {since}); {command} waited {wait:g} s. Try again when it is done, "
-            "or raise --lock-wait")
+            f"pid {holder['server_pid']}, since {since}); {command} waited {wait:g} s. Try again when it is done")
 
 
 # ------------------------------------------------------------------------------------------------ lock_timeout

@@ -33,7 +33,7 @@ from .backup import (
 )
 from .checks import SECONDS, RollbackStatus, Serialised, json_field
 from .db import maintenance, relation_exists, scalar
-from .errors import RollbackError, redacted_message, translate
+from .errors import RollbackError, RollbackNotConfirmed, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
 
@@ -107,7 +107,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     started = time.monotonic()
     manifest = verify(path, secret=secret)
     if not dry_run and not yes:
-        raise RollbackError("the rollback changes the database: pass --yes to proceed, or --dry-run for the plan")
+        raise RollbackNotConfirmed("the rollback changes the database", alternative="dry_run")
     if not conn.autocommit:
         raise RollbackError("rollback needs an autocommit connection: it owns its transaction")
     _check_identity(conn, manifest, into_other_database)

@@ -25,7 +25,7 @@ from psycopg import sql
 from . import adopt, drift, locks, sqlfile
 from .checks import SECONDS, Serialised, json_field
 from .db import relation_exists, scalar
-from .errors import SchemaError
+from .errors import SchemaError, flag
 
 _BACKOFF = locks.Backoff(first=0.25, most=8.0)  # DDL: the application's locks may be held for a while
 
@@ -258,7 +258,7 @@ def _refuse_data_loss(conn: psycopg.Connection, files: list[MigrationFile]) -> N
                               if mf.down_path else found[1])
     if losses:
         raise SchemaError("schema down would drop tables that hold rows: " + "; ".join(losses)
-                          + ". Nothing was changed; back them up, or pass --force to drop them")
+                          + f". Nothing was changed; back them up, or pass {flag('force')} to drop them")
 
 
 def _dropped_tables(mf: MigrationFile) -> list[str]:

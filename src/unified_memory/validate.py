@@ -23,7 +23,7 @@ from . import contract, drift, isolation, privileges, reconcile
 from .backup import BackupManifest
 from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status
 from .db import analyze, maintenance, relation_exists, scalar
-from .errors import ShapeError, ValidationFailed
+from .errors import ShapeError, ValidationFailed, flag
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .parallel import Workers, default_jobs
 from .shapes import LEGACY_TABLES, detect
@@ -333,8 +333,8 @@ def _without_source(conn: psycopg.Connection, table: str, manifest: BackupManife
     if entry is None:
         seen = reconcile.outcomes_without_source(conn, table)
         status = WARN if seen else PASS
-        return Check(name, status, f"{table} is absent" + (f" but {seen} rows have outcomes: pass --backup to "
-                                                            "reconcile against its manifest" if seen else ""),
+        hint = f" but {seen} rows have outcomes: pass {flag('backup')} to reconcile against its manifest"
+        return Check(name, status, f"{table} is absent" + (hint if seen else ""),
                      {"outcomes": seen})
     seen = reconcile.outcomes_without_source(conn, table)
     ok = seen == entry.rows
