@@ -29,7 +29,7 @@ from psycopg.rows import dict_row
 from . import __version__, locks, privileges
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, check_directory, clean_leftovers, read_records
 from .checks import SECONDS, Serialised, as_dict, json_field
-from .db import relation_exists, scalar
+from .db import one_row, relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
 
@@ -65,9 +65,9 @@ WHERE i.indrelid = %s::regclass
   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)
 ORDER BY c.relname"""
 _UNIFIED_STATE = """
-SELECT (SELECT count(*) FROM memories WHERE source_table IS NOT NULL),
-       (SELECT count(*) FROM memories),
-       (SELECT max(run_id) FROM memory_migration_runs)"""
+SELECT (SELECT count(*) FROM memories WHERE source_table IS NOT NULL) AS memories_with_provenance,
+       (SELECT count(*) FROM memories) AS memories,
+       (SELECT max(run_id) FROM memory_migration_runs) AS last_run_id"""
 
 
 @dataclass
@@ -247,9 +247,10 @@ def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupM
     origin = identity(conn)
     unified: dict[str, Any] = {"schema_applied": relation_exists(conn, "memory_migration_runs")}
     if unified["schema_applied"]:
-        state = conn.execute(_UNIFIED_STATE).fetchone()
+        state = one_row(conn, _UNIFIED_STATE)
         assert state is not None
-        unified.update(memories_with_provenance=int(state[0]), memories=int(state[1]), last_run_id=state[2])
+        unified.update(memories_with_provenance=int(state["memories_with_provenance"]),
+                       memories=int(state["memories"]), last_run_id=state["last_run_id"])
     unified["undo"] = "delete memories by provenance (source_table, source_key); clear quarantine and checkpoints"
     return BackupManifest(path, datetime.now(UTC).isoformat(), version, origin.database, __version__, encrypted,
                           unified, database_oid=origin.database_oid, system_identifier=origin.system_identifier,

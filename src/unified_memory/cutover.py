@@ -27,7 +27,7 @@ from . import backup as backups
 from . import locks
 from .accounting import account
 from .checks import SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
-from .db import maintenance, relation_exists, scalar
+from .db import first_column, maintenance, relation_exists, scalar
 from .errors import ConfirmationRequired, MigrationError, UnifiedMemoryError
 from .live import CatchUp, Settings, capturing, catch_up, retry_locked, settings_of_last_run, stop_capture
 from .mapping import PRECEDENCE
@@ -222,8 +222,8 @@ def _require_validation(conn: psycopg.Connection) -> None:
 
 def _dependents(conn: psycopg.Connection, tables: list[str]) -> list[str]:
     """Views, and foreign keys of other tables, that a plain DROP TABLE of ``tables`` would refuse."""
-    return [str(r[0]) for r in conn.execute(
-        "SELECT DISTINCT coalesce(v.oid::regclass::text, c.conname || ' on ' || c.conrelid::regclass::text) "
+    return [str(name) for name in first_column(
+        conn, "SELECT DISTINCT coalesce(v.oid::regclass::text, c.conname || ' on ' || c.conrelid::regclass::text) "
         "FROM pg_depend d LEFT JOIN pg_rewrite w ON w.oid = d.objid AND d.classid = 'pg_rewrite'::regclass "
         "LEFT JOIN pg_class v ON v.oid = w.ev_class "
         "LEFT JOIN pg_constraint c ON c.oid = d.objid AND d.classid = 'pg_constraint'::regclass "

@@ -32,7 +32,7 @@ from .backup import (
     verify,
 )
 from .checks import SECONDS, RollbackStatus, Serialised, json_field
-from .db import maintenance, relation_exists, scalar
+from .db import maintenance, one_row, relation_exists, scalar
 from .errors import RollbackError, RollbackNotConfirmed, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
@@ -41,7 +41,8 @@ STAGE = "unified_memory_rollback_stage"
 SAVED = "unified_memory_rollback_saved"
 
 # count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
-ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
+ROW_CHECKSUM = ("SELECT count(*) AS rows, "
+                "coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text AS checksum "
                 "FROM {} t")
 # changed since the migration: a version above the one the migration last wrote (catch-up's own edits and
 # soft-deletes are recorded in memory_migration_synced, 020); without 020, any edit or soft delete
@@ -191,9 +192,9 @@ def _kept(conn: psycopg.Connection, entry: TableBackup) -> TableRestore:
 
 def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, str]:
     """(rows, order-independent checksum of all columns) of a table, computed in SQL."""
-    row = conn.execute(sql.SQL(ROW_CHECKSUM).format(table)).fetchone()
+    row = one_row(conn, sql.SQL(ROW_CHECKSUM).format(table))
     assert row is not None
-    return int(row[0]), str(row[1])
+    return int(row["rows"]), str(row["checksum"])
 
 
 def _ensure_types(conn: psycopg.Connection, entry: TableBackup) -> None:
@@ -267,8 +268,8 @@ def _undo_unified_side(conn: psycopg.Connection, result: RollbackResult, tables:
         return
     params = {"tables": tables}
     predicate = _CHANGED[relation_exists(conn, "memory_migration_synced")]
-    changed = conn.execute(sql.SQL(_COUNT_CHANGED).format(changed=sql.SQL(predicate)), params).fetchone()
-    result.memories_kept_changed = 0 if force else int(changed[0]) if changed else 0
+    changed = scalar(conn, sql.SQL(_COUNT_CHANGED).format(changed=sql.SQL(predicate)), params)
+    result.memories_kept_changed = 0 if force else int(changed or 0)
     delete = sql.SQL(_DELETE_MIGRATED if force else _DELETE_UNCHANGED).format(changed=sql.SQL(predicate))
     result.memories_removed = conn.execute(delete, params).rowcount
     cutover.undo(conn, tables)

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from . import adopt, drift, locks, sqlfile
 from .checks import SECONDS, Serialised, json_field
-from .db import relation_exists, scalar
+from .db import all_rows, one_row, relation_exists, scalar
 from .errors import SchemaError, flag
 
 _BACKOFF = locks.Backoff(first=0.25, most=8.0)  # DDL: the application's locks may be held for a while
@@ -119,11 +119,10 @@ def status(conn: psycopg.Connection, *, directory: Path | None = None) -> Schema
 
 def _present(conn: psycopg.Connection, version: str) -> bool:
     """Whether objects of file ``version`` exist, recognised by the COMMENT every file gives its objects."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass "
+    return bool(scalar(
+        conn, "SELECT EXISTS (SELECT 1 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass "
         "AND d.objoid = c.oid AND d.objsubid = 0 WHERE c.relnamespace = current_schema()::regnamespace "
-        "AND left(d.description, 19) = %s)", [f"unified-memory {version}:"]).fetchone()
-    return bool(row and row[0])
+        "AND left(d.description, 19) = %s)", [f"unified-memory {version}:"]))
 
 
 def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str | None = None,
@@ -247,15 +246,16 @@ def _refuse_data_loss(conn: psycopg.Connection, files: list[MigrationFile]) -> N
     losses = []
     for mf in files:
         for name in _dropped_tables(mf):
-            found = conn.execute(_RELATION, [name]).fetchone()
+            found = one_row(conn, _RELATION, [name])
             if found is None:
                 continue
+            table = found["relname"]
             rows = int(scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1000000) r").format(
-                sql.Identifier(found[0], found[1]))))
+                sql.Identifier(found["nspname"], table))))
             if rows:
                 shown = f"{rows:,}" if rows < 1000000 else "1,000,000 or more"
-                losses.append(f"{found[1]} ({shown} rows: {_WHAT.get(found[1], 'data')}, by {mf.down_path.name})"
-                              if mf.down_path else found[1])
+                losses.append(f"{table} ({shown} rows: {_WHAT.get(table, 'data')}, by {mf.down_path.name})"
+                              if mf.down_path else table)
     if losses:
         raise SchemaError("schema down would drop tables that hold rows: " + "; ".join(losses)
                           + f". Nothing was changed; back them up, or pass {flag('force')} to drop them")
@@ -320,8 +320,9 @@ def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -
 def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
     if not relation_exists(conn, TRACKING_TABLE):
         return {}
-    query = sql.SQL("SELECT version, sha256, applied_at::text FROM {}").format(sql.Identifier(TRACKING_TABLE))
-    return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+    query = sql.SQL("SELECT version, sha256, applied_at::text AS applied_at FROM {}").format(
+        sql.Identifier(TRACKING_TABLE))
+    return {row["version"]: (row["sha256"], row["applied_at"]) for row in all_rows(conn, query)}
 
 
 def _statements(path: Path) -> list[sqlfile.Statement]:
