@@ -772,6 +772,11 @@ class VerifyResult(Serialised):
     def status(self) -> Status:
         return PASS if self.ok else FAIL
 
+    def raise_for_failure(self) -> None:
+        """Raises VectorStoreError when a check failed (the CLI's exit code 11)."""
+        if not self.ok:
+            raise VectorStoreError("the collection differs from memories (see the failed checks above)")
+
 
 def verify(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, embedder: Embedder | None, *,
            sample: int | None = None, seed: str = "um", batch_size: int = 1000) -> VerifyResult:
