@@ -33,7 +33,7 @@ from .backup import (
 )
 from .checks import SECONDS, RollbackStatus, Serialised, json_field
 from .db import maintenance, one_row, relation_exists, scalar
-from .errors import RollbackError, RollbackNotConfirmed, redacted_message, translate
+from .errors import RollbackError, RollbackNotConfirmed, flag, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
 
@@ -116,11 +116,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     tables = list(manifest.tables.values())
     try:
         with locks.hold(conn, "rollback", lock_wait), maintenance(conn), conn.transaction(force_rollback=dry_run):
-            privileges.require(conn, "rollback")
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-            conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
-            for statement in DETERMINISTIC_SESSION:
-                conn.execute(statement)
+            _prepare(conn, lock_timeout_ms)
             restore = [e for e in tables if replace_tables or not relation_exists(conn, _name(conn, e.table))]
             _stage(conn, path, restore, secret)
             for entry in tables:
@@ -141,20 +137,29 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     return result
 
 
+def _prepare(conn: psycopg.Connection, lock_timeout_ms: int) -> None:
+    """The privileges the rollback needs, and its transaction's settings."""
+    privileges.require(conn, "rollback")
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+    conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
+    for statement in DETERMINISTIC_SESSION:
+        conn.execute(statement)
+
+
 def _check_identity(conn: psycopg.Connection, manifest: BackupManifest, into_other_database: bool) -> None:
     here = identity(conn)
     differences = manifest.identity.differences(here)
     if differences and not into_other_database:
         raise RollbackError(f"this backup is of another database ({'; '.join(differences)}): refusing to restore "
-                            f"it into {here.database!r}; nothing was changed. Pass --into-other-database to do so "
-                            "on purpose")
+                            f"it into {here.database!r}; nothing was changed. Pass {flag('into_other_database')} to "
+                            "do so on purpose")
     if differences:
         log.warning("restoring a backup of another database on purpose: %s", "; ".join(differences))
 
 
 def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secret: bytes | None) -> None:
     """Restore every table into the staging schema and prove it equals the manifest."""
-    if conn.execute("SELECT to_regnamespace(%s)", [STAGE]).fetchone() != (None,):
+    if scalar(conn, "SELECT to_regnamespace(%s)", [STAGE]) is not None:
         raise RollbackError(f"schema {STAGE} exists: another rollback left it; inspect and drop it first")
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(STAGE)))
     restore.prepare(conn, STAGE)
