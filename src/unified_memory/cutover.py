@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from . import backup as backups
 from . import locks
 from .accounting import account
-from .checks import SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
+from .checks import FAIL, RUN_OK, SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
 from .db import first_column, maintenance, relation_exists, scalar
 from .errors import ConfirmationRequired, MigrationError, UnifiedMemoryError
 from .live import CatchUp, Settings, capturing, catch_up, retry_locked, settings_of_last_run, stop_capture
@@ -195,7 +195,7 @@ def _preconditions(conn: psycopg.Connection, tables: list[str]) -> None:
         raise CleanupRefused(f"{', '.join(not_cut)} not cut over: run `unified-memory cutover` first")
     last = scalar(conn, "SELECT status FROM memory_migration_runs WHERE status <> 'rolled_back' "
                         "ORDER BY run_id DESC LIMIT 1")
-    if last not in ("succeeded", "nothing_to_do"):
+    if last not in RUN_OK:
         raise CleanupRefused(f"the last migration run is {last or 'missing'}, not succeeded")
     _require_validation(conn)
     dependents = _dependents(conn, tables)
@@ -216,7 +216,7 @@ def _require_validation(conn: psycopg.Connection) -> None:
     from .validate import validate
 
     report = validate(conn)
-    if report.status == "fail":
+    if report.status == FAIL:
         raise CleanupRefused("validation failed: " + ", ".join(c.name for c in report.failed()[:10]))
 
 

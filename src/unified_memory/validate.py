@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from . import contract, drift, isolation, privileges, reconcile
 from .backup import BackupManifest
-from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status
+from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, ValidationStatus
 from .db import all_rows, analyze, first_column, maintenance, one_row, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed, flag
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
@@ -103,9 +103,10 @@ def record_run(conn: psycopg.Connection, report: ValidationReport, began: dateti
     """One row in ``memory_validation_runs`` (023) for monitoring; nothing when 023 is not applied."""
     if not relation_exists(conn, "memory_validation_runs"):
         return
+    recorded: ValidationStatus = "failed" if report.status == FAIL else "passed"
     conn.execute("INSERT INTO memory_validation_runs (started_at, status, checks, failed, warnings, failed_checks) "
                  "VALUES (%s, %s, %s, %s, %s, %s)",
-                 [began, "failed" if report.status == FAIL else "passed", len(report.checks), len(report.failed()),
+                 [began, recorded, len(report.checks), len(report.failed()),
                   sum(c.status == WARN for c in report.checks), Jsonb([c.name for c in report.failed()])])
 
 
