@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, flag
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -128,7 +128,7 @@ def embedder_for(name: str, dimension: int, *, needed_by: str = "this") -> Embed
         raise ConfigError(f"unknown embedder {name!r}; known: hashing, minilm")
     if chosen.dimension != dimension:
         raise ConfigError(f"the {name} embedder gives {chosen.dimension} dimensions; the collection has {dimension}"
-                          f" (use --dim {chosen.dimension} for a new collection)")
+                          f" (use {flag('dim')} {chosen.dimension} for a new collection)")
     return chosen
 
 

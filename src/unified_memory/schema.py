@@ -149,7 +149,7 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
         found = adopt.detect(conn) if any(mf.version == "016" for mf in files) else None
         if found is not None and not adopt_first:
             raise SchemaError("the first implementation's 016 is here: adopt it explicitly with "
-                              "`unified-memory schema up --dry-run`, then `unified-memory schema up`")
+                              f"`unified-memory schema up {flag('dry_run')}`, then `unified-memory schema up`")
         if found is not None:
             by_version = {mf.version: mf for mf in discover(directory)}
             result.adoption = locks.retry_locked(

@@ -283,7 +283,7 @@ def integrity_checks(conn: psycopg.Connection) -> list[Check]:
             conn, sql.SQL("SELECT id FROM memories WHERE {} ORDER BY id LIMIT 10").format(sql.SQL(condition)))]
         chosen = rule == "expired_on_arrival" and expiry_by_choice
         checks.append(Check(f"integrity.{rule}", WARN if chosen else FAIL,
-                            f"{count} memories violate {rule}" + (" (the run chose --expiry created)" if chosen
+                            f"{count} memories violate {rule}" + (f" (the run chose {flag('expiry')} created)" if chosen
                                                                    else ""), evidence))
     return checks
 
