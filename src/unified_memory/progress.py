@@ -32,7 +32,8 @@ class _PlainProgress:
 
 class _BarProgress:
     def __init__(self, bar: Bar) -> None:
-        self.bar, self.tasks = bar, dict[str, TaskID]()
+        self.bar = bar
+        self.tasks: dict[str, TaskID] = {}
 
     def __call__(self, table: str, done: int, total: int) -> None:
         if table not in self.tasks:
