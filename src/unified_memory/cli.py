@@ -21,6 +21,7 @@ import typer
 
 from . import backup, cutover, fixtures, live, locks, logs, metrics, report, schema
 from .backupfile import load_key
+from .checks import FailureStatus
 from .db import DEMO_DATABASE, Target, connect, on_database, target_for
 from .errors import ConfigError, UnifiedMemoryError, describe, translate
 from .health import health
@@ -140,7 +141,8 @@ def _fail(opts: Options, message: str, code: int, exc: BaseException | None = No
     if opts.traceback and exc is not None:
         _print_traceback(exc)
     if opts.json:
-        print(json.dumps({"status": "failed", "error": message, "exit_code": code}))
+        status: FailureStatus = "failed"
+        print(json.dumps({"status": status, "error": message, "exit_code": code}))
     print(f"FAILED: {message}", file=sys.stderr)
     raise typer.Exit(code)
 

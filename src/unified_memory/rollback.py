@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import psycopg
 from psycopg import sql
@@ -53,12 +53,15 @@ _DELETE_MIGRATED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s)"
 _DELETE_UNCHANGED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s) AND NOT {changed}"
 
 
+RestoreAction = Literal["restored", "replaced", "unchanged", "kept"]
+
+
 @dataclass
 class TableRestore(Serialised):
     """What the rollback did (or would do) to one legacy table."""
 
     table: str = field(metadata=json_field(omit=True))
-    action: str  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
+    action: RestoreAction  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
     rows: int
     rows_added_since: int = 0
     rows_missing_since: int = 0
