@@ -61,7 +61,7 @@ class TableRestore(Serialised):
     """What the rollback did (or would do) to one legacy table."""
 
     table: str = field(metadata=json_field(omit=True))
-    action: RestoreAction  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
+    action: RestoreAction  # restored (was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
     rows: int
     rows_added_since: int = 0
     rows_missing_since: int = 0
