@@ -8,28 +8,40 @@ The migration's summary, its dry-run plan and the validator all read these numbe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from .checks import Serialised, by_key, json_field
 from .db import relation_exists, scalar
 from .mapping import mapping_for
 from .sources import ROW_QUARANTINE
 
 
+def _row_level(account: TableAccount) -> bool:
+    return account.items is None
+
+
 @dataclass
-class TableAccount:
+class TableAccount(Serialised):
     """Outcome counts of one legacy table."""
 
-    table: str
+    json_derived: ClassVar[dict[str, str]] = {"quarantined": "quarantined_total", "unaccounted": "unaccounted"}
+    json_order: ClassVar[tuple[str, ...]] = ("shape", "source_rows", "migrated", "duplicates", "quarantined",
+                                             "quarantined_by_reason", "unaccounted", "waiting", "retired")
+
+    table: str = field(metadata=json_field(omit=True))
     shape: str
     source_rows: int = 0
     migrated: int = 0
     duplicates: int = 0
-    quarantined: dict[str, int] = field(default_factory=dict)
-    items: int | None = None  # long_term_memory: items in the rows that expanded
-    expanded_rows: int | None = None
+    quarantined: dict[str, int] = field(default_factory=dict,
+                                        metadata=json_field(key="quarantined_by_reason", convert=by_key))
+    # long_term_memory: items in the rows that expanded (reported only there)
+    items: int | None = field(default=None, metadata=json_field(omit_if=_row_level))
+    expanded_rows: int | None = field(default=None, metadata=json_field(omit_if=_row_level))
     waiting: int = 0  # rows captured after the last catch-up, not migrated yet
     retired: int = 0  # memories whose legacy row the application deleted or edited away (soft-deleted)
 
@@ -47,17 +59,6 @@ class TableAccount:
         rows_left = self.source_rows - (self.expanded_rows or 0) - row_level - self.waiting
         items_left = self.items - self.migrated - item_level
         return rows_left + items_left
-
-    def to_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {
-            "shape": self.shape, "source_rows": self.source_rows, "migrated": self.migrated,
-            "duplicates": self.duplicates, "quarantined": self.quarantined_total,
-            "quarantined_by_reason": dict(sorted(self.quarantined.items())), "unaccounted": self.unaccounted,
-            "waiting": self.waiting, "retired": self.retired,
-        }
-        if self.items is not None:
-            data["items"], data["expanded_rows"] = self.items, self.expanded_rows
-        return data
 
 
 _ROW_REASONS = {r for r, _ in ROW_QUARANTINE} | {"rejected_by_database"}

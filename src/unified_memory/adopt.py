@@ -30,6 +30,7 @@ from psycopg.types.json import Jsonb
 
 from . import contract, sqlfile
 from .batchsql import mapped_source
+from .checks import Serialised
 from .errors import ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, PRECEDENCE, UI_SOURCES, TableMapping, mapping_for
 from .shapes import detect as detect_shape
@@ -61,7 +62,7 @@ class Found:
 
 
 @dataclass
-class AdoptionReport:
+class AdoptionReport(Serialised):
     """What the conversion changed (or, in a dry run, would change)."""
 
     variant: str
@@ -73,23 +74,14 @@ class AdoptionReport:
     application_rows: int = 0
     replaced: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.variant, "dry_run": self.dry_run, "rows_found": self.rows_found,
-                "set_aside": self.set_aside, "filled": self.filled, "claimed": self.claimed,
-                "application_rows": self.application_rows, "replaced": self.replaced}
-
 
 @dataclass
-class RevertReport:
+class RevertReport(Serialised):
     """What ``schema down`` of an adopted 016 restored."""
 
     rows_restored: dict[str, int] = field(default_factory=dict)
     rows_kept_changed: int = 0
     constraints_not_valid: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows_restored": self.rows_restored, "rows_kept_changed": self.rows_kept_changed,
-                "constraints_not_valid": self.constraints_not_valid}
 
 
 # ------------------------------------------------------------------------------------------- detection

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
@@ -28,7 +28,8 @@ from psycopg.rows import dict_row
 
 from . import __version__, locks, privileges
 from .backupfile import FORMAT_VERSION, BackupWriter, Record, check_directory, clean_leftovers, read_records
-from .db import relation_exists, scalar
+from .checks import SECONDS, Serialised, as_dict, json_field
+from .db import one_row, relation_exists, scalar
 from .errors import BackupIntegrityError, ConfigError
 from .shapes import LEGACY_TABLES, table_columns
 
@@ -64,14 +65,16 @@ WHERE i.indrelid = %s::regclass
   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)
 ORDER BY c.relname"""
 _UNIFIED_STATE = """
-SELECT (SELECT count(*) FROM memories WHERE source_table IS NOT NULL),
-       (SELECT count(*) FROM memories),
-       (SELECT max(run_id) FROM memory_migration_runs)"""
+SELECT (SELECT count(*) FROM memories WHERE source_table IS NOT NULL) AS memories_with_provenance,
+       (SELECT count(*) FROM memories) AS memories,
+       (SELECT max(run_id) FROM memory_migration_runs) AS last_run_id"""
 
 
 @dataclass
-class TableBackup:
+class TableBackup(Serialised):
     """One legacy table in a backup: its definition and what its data must check to."""
+
+    json_order: ClassVar[tuple[str, ...]] = ("table", "rows", "bytes", "sha256", "copy_format", "definition")
 
     table: str
     definition: dict[str, Any]
@@ -86,11 +89,7 @@ class TableBackup:
 
     def summary(self) -> dict[str, Any]:
         """What the data checks to, without the definition (the ``E`` record and the manifest's table list)."""
-        return {"table": self.table, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
-                "copy_format": self.copy_format}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.summary(), "definition": self.definition}
+        return {k: v for k, v in as_dict(self).items() if k != "definition"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableBackup:
@@ -134,19 +133,27 @@ def identity(conn: psycopg.Connection) -> Identity:
     return Identity(str(row["database"]), int(row["database_oid"]), row["system_identifier"])
 
 
+def _summaries(tables: dict[str, TableBackup]) -> dict[str, dict[str, Any]]:
+    return {t: b.summary() for t, b in tables.items()}
+
+
 @dataclass
-class BackupManifest:
+class BackupManifest(Serialised):
     """What a backup holds: where it came from, and each table with its checksums."""
 
-    path: Path
+    json_order: ClassVar[tuple[str, ...]] = (
+        "path", "format_version", "created_at", "server_version", "database", "database_oid", "system_identifier",
+        "authenticated", "tool_version", "encrypted", "unified", "file_bytes", "seconds", "tables")
+
+    path: Path = field(metadata=json_field(convert=str))
     created_at: str
     server_version: str
     database: str
     tool_version: str
     encrypted: bool
     unified: dict[str, Any] = field(default_factory=dict)
-    tables: dict[str, TableBackup] = field(default_factory=dict)
-    seconds: float = 0.0
+    tables: dict[str, TableBackup] = field(default_factory=dict, metadata=json_field(convert=_summaries))
+    seconds: float = field(default=0.0, metadata=SECONDS)
     file_bytes: int = 0
     format_version: int = FORMAT_VERSION
     database_oid: int | None = None
@@ -156,15 +163,6 @@ class BackupManifest:
     @property
     def identity(self) -> Identity:
         return Identity(self.database, self.database_oid, self.system_identifier)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format_version": self.format_version, "created_at": self.created_at,
-                "server_version": self.server_version, "database": self.database,
-                "database_oid": self.database_oid, "system_identifier": self.system_identifier,
-                "authenticated": self.authenticated, "tool_version": self.tool_version,
-                "encrypted": self.encrypted, "unified": self.unified, "file_bytes": self.file_bytes,
-                "seconds": round(self.seconds, 3),
-                "tables": {t: b.summary() for t, b in self.tables.items()}}
 
 
 def default_path(directory: Path, now: datetime | None = None) -> Path:
@@ -249,9 +247,10 @@ def _header(conn: psycopg.Connection, path: Path, *, encrypted: bool) -> BackupM
     origin = identity(conn)
     unified: dict[str, Any] = {"schema_applied": relation_exists(conn, "memory_migration_runs")}
     if unified["schema_applied"]:
-        state = conn.execute(_UNIFIED_STATE).fetchone()
+        state = one_row(conn, _UNIFIED_STATE)
         assert state is not None
-        unified.update(memories_with_provenance=int(state[0]), memories=int(state[1]), last_run_id=state[2])
+        unified.update(memories_with_provenance=int(state["memories_with_provenance"]),
+                       memories=int(state["memories"]), last_run_id=state["last_run_id"])
     unified["undo"] = "delete memories by provenance (source_table, source_key); clear quarantine and checkpoints"
     return BackupManifest(path, datetime.now(UTC).isoformat(), version, origin.database, __version__, encrypted,
                           unified, database_oid=origin.database_oid, system_identifier=origin.system_identifier,
@@ -320,8 +319,8 @@ def _write_table(conn: psycopg.Connection, writer: BackupWriter, table: str, cop
 
 
 def _manifest_dict(manifest: BackupManifest) -> dict[str, Any]:
-    data = manifest.to_dict()
-    data["tables"] = {t: b.to_dict() for t, b in manifest.tables.items()}
+    data = as_dict(manifest)
+    data["tables"] = {t: as_dict(b) for t, b in manifest.tables.items()}
     data.pop("path")
     return data
 

@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import BackupIntegrityError, BackupKeyError, ConfigError
+from .errors import BackupIntegrityError, BackupKeyError, ConfigError, flag
 
 MAGIC = b"UMBKUP\x00\x01"
 FORMAT_VERSION = 2
@@ -260,7 +260,7 @@ class _FramedSource:
                                        "changed it consistently. Unset the key to read it anyway")
         if encryption is not None:
             if secret is None:
-                raise BackupKeyError(f"this backup is encrypted: set {KEY_ENV} or pass --key-file")
+                raise BackupKeyError(f"this backup is encrypted: set {KEY_ENV} or pass {flag('key_file')}")
             key = _derive(secret, bytes.fromhex(encryption["salt"]))
             if _key_check(key) != encryption.get("key_check"):
                 raise BackupKeyError("wrong key: this backup was encrypted with another key")

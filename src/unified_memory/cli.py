@@ -8,22 +8,22 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, overload
 
 import psycopg
 import typer
 
 from . import backup, cutover, fixtures, live, locks, logs, metrics, report, schema
 from .backupfile import load_key
-from .db import DEMO_DATABASE, Target, connect, fresh_database, on_database, target_for
-from .errors import ConfigError, UnifiedMemoryError, ValidationFailed, VectorStoreError, describe, translate
+from .checks import FailureStatus
+from .db import DEMO_DATABASE, Target, connect, on_database, target_for
+from .errors import ConfigError, UnifiedMemoryError, describe, translate
 from .health import health
 from .migrate import MigrationOptions, migrate
 from .progress import reporter
@@ -35,7 +35,6 @@ from .settings import (
     configured_milvus_uri,
     home_dir,
     milvus_uri,
-    private_dir,
     resolve_dsn,
     write_private,
 )
@@ -142,7 +141,8 @@ def _fail(opts: Options, message: str, code: int, exc: BaseException | None = No
     if opts.traceback and exc is not None:
         _print_traceback(exc)
     if opts.json:
-        print(json.dumps({"status": "failed", "error": message, "exit_code": code}))
+        status: FailureStatus = "failed"
+        print(json.dumps({"status": status, "error": message, "exit_code": code}))
     print(f"FAILED: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -277,21 +277,27 @@ def migrate_cmd(
 ) -> None:
     """Migrate every legacy row into memories: migrated, duplicate, or quarantined with a reason."""
     opts = options(ctx, json_flag)
-    options_ = MigrationOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes,
-                                tables=tuple(tables) if tables else MigrationOptions().tables,
-                                source_timezone=source_timezone, expiry=expiry, pause_ms=pause_ms, dry_run=dry_run,
-                                jobs=jobs, lock_timeout_ms=lock_timeout_ms)
+    chosen = MigrationOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes, dry_run=dry_run, jobs=jobs,
+                              tables=tuple(tables or MigrationOptions.tables), source_timezone=source_timezone,
+                              expiry=expiry, pause_ms=pause_ms, lock_timeout_ms=lock_timeout_ms)
     logs.setup(opts.data_dir)
     with failures(opts):
         hook = None if no_backup or dry_run else _backup_hook(opts, key_file)
-        with connect(opts.target()) as conn, reporter(not (opts.json or opts.quiet)) as progress:
-            result = migrate(conn, options_, progress=progress, before_first_write=hook,  # type: ignore[arg-type]
-                             lock_wait=opts.lock_wait)
+        with connect(opts.target()) as conn, reporter(_shows_progress(opts)) as progress:
+            result = migrate(conn, chosen, progress=progress, before_first_write=hook, lock_wait=opts.lock_wait)
             emit(opts, result, report.migration)
             if follow and not dry_run:
                 settings = live.Settings(source_timezone, expiry, pause_ms=pause_ms, run_id=result.run_id)
-                show = None if opts.json or opts.quiet else lambda lag: print(report.lag_line(lag), file=sys.stderr)
-                emit(opts, live.follow(conn, settings, until_idle=until_idle, show=show), report.catch_up)
+                emit(opts, live.follow(conn, settings, until_idle=until_idle, show=_lag_shown(opts)), report.catch_up)
+
+
+def _shows_progress(opts: Options) -> bool:
+    return not (opts.json or opts.quiet)
+
+
+def _lag_shown(opts: Options) -> Callable[[live.Lag], None] | None:
+    """Each lag line on stderr while following (none with --json or --quiet)."""
+    return (lambda lag: print(report.lag_line(lag), file=sys.stderr)) if _shows_progress(opts) else None
 
 
 def _backup_hook(opts: Options, key_file: Path | None) -> Callable[[psycopg.Connection], object]:
@@ -524,10 +530,15 @@ def _milvus_configured(opts: Options) -> bool:
         milvus_uri({}, home=opts.data_dir)).exists()
 
 
-def _embedder(name: str, dim: int) -> Embedder | None:
-    from .embedders import embedder_for
+@overload
+def _embedder(name: str, dim: int) -> Embedder | None: ...
+@overload
+def _embedder(name: str, dim: int, *, needed_by: str) -> Embedder: ...
+def _embedder(name: str, dim: int, *, needed_by: str | None = None) -> Embedder | None:
+    """The embedder called ``name`` (numpy loads only when one is needed); ``none`` is none unless ``needed_by``."""
+    from .embedders import embedder_for, optional_embedder
 
-    return None if name == "none" else embedder_for(name, dim)
+    return optional_embedder(name, dim) if needed_by is None else embedder_for(name, dim, needed_by=needed_by)
 
 
 @vectors_app.command("up")
@@ -564,7 +575,7 @@ def vectors_sync(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLECT
         result = vectors.follow(conn, client, spec, chosen, interval=interval, until_idle=until_idle,
                                 batch_size=batch_size, report=None if opts.json or opts.quiet else _shown) \
             if follow else vectors.sync(conn, client, spec, chosen, batch_size=batch_size, full=full,
-                                        progress=progress)  # type: ignore[arg-type]
+                                        progress=progress)
         emit(opts, result, report.vector_sync)
 
 
@@ -587,8 +598,7 @@ def vectors_verify(ctx: typer.Context, collection: CollectionOpt = DEFAULT_COLLE
         result = vectors.verify(conn, client, vectors.CollectionSpec(collection, dim), _embedder(embedder, dim),
                                 sample=sample)
         emit(opts, result, report.vector_verify)
-        if not result.ok:
-            raise VectorStoreError("the collection differs from memories (see the failed checks above)")
+        result.raise_for_failure()
 
 
 @vectors_app.command("search")
@@ -604,9 +614,7 @@ def vectors_search(ctx: typer.Context, text: Annotated[str, typer.Argument(help=
 
     opts = options(ctx, json_flag)
     with failures(opts):
-        chosen = _embedder(embedder, dim)
-        if chosen is None:
-            raise ConfigError("search needs an embedder (hashing or minilm)")
+        chosen = _embedder(embedder, dim, needed_by="search")
         with _milvus(opts) as client, connect(opts.target()) as conn:
             result = vectors.search(conn, client, vectors.CollectionSpec(collection, dim), chosen, user_id=user,
                                     org_id=org, text=text, k=k)
@@ -620,35 +628,20 @@ def demo_cmd(ctx: typer.Context,
                              ] = 20000,
              json_flag: JsonOpt = False) -> None:
     """The main job end to end on a fresh demo database (embedded PostgreSQL and Milvus Lite by default)."""
-    from . import vectors
-    from .demo import run_demo
+    from . import demo
 
     opts = options(ctx, json_flag)
     logs.setup(opts.data_dir)
-    workdir = opts.data_dir / "demo"
-
-    def show(heading: str, text: str) -> None:
-        if not opts.json:
-            print(f"\n== {heading}\n{text}", flush=True)
-
     with failures(opts):
-        target = fresh_database(opts.target(), DEMO_DATABASE)
-        shutil.rmtree(workdir, ignore_errors=True)
-        private_dir(workdir)
-        if not opts.json:
-            print(f"demo database: {target.description}; files in {workdir}")
-        client = vectors.open_client(str(workdir / "milvus_demo.db"))
-        try:
-            with connect(target) as conn:
-                result = run_demo(conn, client, rows=rows, workdir=workdir, show=show)
-        finally:
-            client.close()
-        if opts.json:
-            print(json.dumps(result.to_dict(), indent=2, default=str))
-        else:
-            print("\nmetrics: " + report.metrics_command(opts.data_dir, workdir / "milvus_demo.db"))
-        if not result.ok:
-            raise ValidationFailed("the demo's validation failed (see above)")
+        result = demo.run(opts.target(), opts.data_dir, rows=rows, show=None if opts.json else _stage_shown,
+                          say=None if opts.json else print)
+        emit(opts, result, lambda _: "\nmetrics: " + report.metrics_command(opts.data_dir,
+                                                                             demo.milvus_file(opts.data_dir)))
+        result.raise_for_failure()
+
+
+def _stage_shown(heading: str, text: str) -> None:
+    print(f"\n== {heading}\n{text}", flush=True)
 
 
 def main() -> None:

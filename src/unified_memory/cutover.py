@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import psycopg
 from psycopg import sql
@@ -26,8 +26,9 @@ from psycopg.rows import dict_row
 from . import backup as backups
 from . import locks
 from .accounting import account
-from .db import maintenance, relation_exists, scalar
-from .errors import MigrationError, UnifiedMemoryError
+from .checks import FAIL, RUN_OK, SECONDS, CleanupStatus, CutoverStatus, Serialised, json_field
+from .db import first_column, maintenance, relation_exists, scalar
+from .errors import ConfirmationRequired, MigrationError, UnifiedMemoryError
 from .live import CatchUp, Settings, capturing, catch_up, retry_locked, settings_of_last_run, stop_capture
 from .mapping import PRECEDENCE
 from .shapes import detect
@@ -41,34 +42,43 @@ class CleanupRefused(UnifiedMemoryError):
     exit_code = 9
 
 
+class CleanupNotConfirmed(CleanupRefused, ConfirmationRequired):
+    """Cleanup was called without ``yes``."""
+
+
 @dataclass
-class CutoverResult:
+class CutoverResult(Serialised):
     """What the cutover did."""
 
-    tables: list[str] = field(default_factory=list)
-    before_lock: CatchUp = field(default_factory=CatchUp)
-    under_lock: CatchUp = field(default_factory=CatchUp)
-    attempts: int = 0
-    locked_seconds: float = 0.0
-    seconds: float = 0.0
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": "cut_over", "tables": self.tables, "catch_up_before_lock": self.before_lock.to_dict(),
-                "catch_up_under_lock": self.under_lock.to_dict(), "lock_attempts": self.attempts,
-                "locked_seconds": round(self.locked_seconds, 3), "seconds": round(self.seconds, 3)}
+    tables: list[str] = field(default_factory=list)
+    before_lock: CatchUp = field(default_factory=CatchUp, metadata=json_field(key="catch_up_before_lock"))
+    under_lock: CatchUp = field(default_factory=CatchUp, metadata=json_field(key="catch_up_under_lock"))
+    attempts: int = field(default=0, metadata=json_field(key="lock_attempts"))
+    locked_seconds: float = field(default=0.0, metadata=SECONDS)
+    seconds: float = field(default=0.0, metadata=SECONDS)
+
+    @property
+    def status(self) -> CutoverStatus:
+        return "cut_over"
 
 
 @dataclass
-class CleanupResult:
+class CleanupResult(Serialised):
     """The final backup and the tables dropped."""
 
-    backup: str
-    tables: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": "cleaned_up", "final_backup": self.backup, "dropped": self.tables,
-                "seconds": round(self.seconds, 3)}
+    backup: str = field(metadata=json_field(key="final_backup"))
+    tables: dict[str, int] = field(default_factory=dict, metadata=json_field(key="dropped"))
+    seconds: float = field(default=0.0, metadata=SECONDS)
+
+    @property
+    def status(self) -> CleanupStatus:
+        return "cleaned_up"
 
 
 def _present(conn: psycopg.Connection) -> list[str]:
@@ -144,7 +154,7 @@ def cleanup(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None
             or other objects still depend on a legacy table; nothing was changed.
     """
     if not yes:
-        raise CleanupRefused("cleanup drops the legacy tables: pass --yes (a final backup is written first)")
+        raise CleanupNotConfirmed("cleanup drops the legacy tables", note="a final backup is written first")
     started = time.monotonic()
     with locks.hold(conn, "cleanup"):
         with maintenance(conn):
@@ -185,7 +195,7 @@ def _preconditions(conn: psycopg.Connection, tables: list[str]) -> None:
         raise CleanupRefused(f"{', '.join(not_cut)} not cut over: run `unified-memory cutover` first")
     last = scalar(conn, "SELECT status FROM memory_migration_runs WHERE status <> 'rolled_back' "
                         "ORDER BY run_id DESC LIMIT 1")
-    if last not in ("succeeded", "nothing_to_do"):
+    if last not in RUN_OK:
         raise CleanupRefused(f"the last migration run is {last or 'missing'}, not succeeded")
     _require_validation(conn)
     dependents = _dependents(conn, tables)
@@ -206,14 +216,14 @@ def _require_validation(conn: psycopg.Connection) -> None:
     from .validate import validate
 
     report = validate(conn)
-    if report.status == "fail":
+    if report.status == FAIL:
         raise CleanupRefused("validation failed: " + ", ".join(c.name for c in report.failed()[:10]))
 
 
 def _dependents(conn: psycopg.Connection, tables: list[str]) -> list[str]:
     """Views, and foreign keys of other tables, that a plain DROP TABLE of ``tables`` would refuse."""
-    return [str(r[0]) for r in conn.execute(
-        "SELECT DISTINCT coalesce(v.oid::regclass::text, c.conname || ' on ' || c.conrelid::regclass::text) "
+    return [str(name) for name in first_column(
+        conn, "SELECT DISTINCT coalesce(v.oid::regclass::text, c.conname || ' on ' || c.conrelid::regclass::text) "
         "FROM pg_depend d LEFT JOIN pg_rewrite w ON w.oid = d.objid AND d.classid = 'pg_rewrite'::regclass "
         "LEFT JOIN pg_class v ON v.oid = w.ev_class "
         "LEFT JOIN pg_constraint c ON c.oid = d.objid AND d.classid = 'pg_constraint'::regclass "

@@ -21,6 +21,7 @@ import psutil
 import psycopg
 from psycopg import sql
 from psycopg.abc import Params
+from psycopg.rows import dict_row, scalar_row
 
 from .errors import DatabaseUnavailable, UnifiedMemoryError
 from .settings import check_dsn, private_dir, redact
@@ -168,9 +169,7 @@ def _without_secret(message: str, dsn: str) -> str:
 
 def server_version(conn: psycopg.Connection) -> int:
     """``server_version_num`` as an int, e.g. 150020."""
-    row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
-    assert row is not None
-    return int(row[0])
+    return int(scalar(conn, "SELECT current_setting('server_version_num')::int"))
 
 
 def has_extension_available(conn: psycopg.Connection, name: str) -> bool:
@@ -182,8 +181,29 @@ def has_extension_available(conn: psycopg.Connection, name: str) -> bool:
 def scalar(conn: psycopg.Connection, query: str | bytes | sql.SQL | sql.Composed,
            params: Params | None = None) -> Any:
     """The first column of the first row of ``query`` (None when it returns no row)."""
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchone()
+
+
+def first_column(conn: psycopg.Connection, query: str | bytes | sql.SQL | sql.Composed,
+           params: Params | None = None) -> list[Any]:
+    """The first column of every row of ``query``."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def all_rows(conn: psycopg.Connection, query: str | bytes | sql.SQL | sql.Composed,
+            params: Params | None = None) -> list[dict[str, Any]]:
+    """Every row of ``query``, each a dict by column name."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def one_row(conn: psycopg.Connection, query: str | bytes | sql.SQL | sql.Composed,
+           params: Params | None = None) -> dict[str, Any] | None:
+    """The first row of ``query`` as a dict by column name (None when it returns no row)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchone()
 
 
 def relation_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -214,14 +234,9 @@ def maintenance(conn: psycopg.Connection) -> Iterator[None]:
     role cannot bypass RLS; a role that is neither superuser nor BYPASSRLS switches to the
     ``unified_memory_maintenance`` role (BYPASSRLS) when it is a member of it.
     """
-    row = conn.execute(
-        "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    bypass = bool(row and row[0])
-    found = conn.execute(
-        "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = 'unified_memory_maintenance'"
-    ).fetchone()
-    member = bool(found and found[0])
+    bypass = bool(scalar(conn, "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"))
+    member = bool(scalar(conn, "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles "
+                               "WHERE rolname = 'unified_memory_maintenance'"))
     if not bypass and not member:
         raise UnifiedMemoryError(
             "this role cannot bypass row-level security: connect as a role with BYPASSRLS or grant it "

@@ -19,6 +19,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from .checks import Serialised
 from .db import relation_exists
 from .errors import SchemaError
 
@@ -99,16 +100,13 @@ Snapshot = dict[tuple[str, str], Obj]
 
 
 @dataclass(frozen=True)
-class Drift:
+class Drift(Serialised):
     """An object an applied file expects that is missing or differs."""
 
     kind: str
     name: str
     version: str
     problem: Problem
-
-    def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "name": self.name, "version": self.version, "problem": self.problem}
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name} ({self.version}) is {self.problem}"

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, flag
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -111,13 +111,15 @@ def _minilm_path() -> str:
     return str(package.get_model_path())
 
 
-def embedder_for(name: str, dimension: int) -> Embedder:
-    """The embedder called ``name`` for a collection of ``dimension``.
+def embedder_for(name: str, dimension: int, *, needed_by: str = "this") -> Embedder:
+    """The embedder called ``name`` for a collection of ``dimension``; ``needed_by`` names who asks.
 
     Raises:
-        ConfigError: unknown name, or the model's dimension differs from the collection's.
+        ConfigError: unknown name or ``none``, or the model's dimension differs from the collection's.
     """
     chosen: Embedder
+    if name == "none":
+        raise ConfigError(f"{needed_by} needs an embedder (hashing or minilm)")
     if name == "hashing":
         chosen = HashingEmbedder(dimension)
     elif name == "minilm":
@@ -126,5 +128,14 @@ def embedder_for(name: str, dimension: int) -> Embedder:
         raise ConfigError(f"unknown embedder {name!r}; known: hashing, minilm")
     if chosen.dimension != dimension:
         raise ConfigError(f"the {name} embedder gives {chosen.dimension} dimensions; the collection has {dimension}"
-                          f" (use --dim {chosen.dimension} for a new collection)")
+                          f" (use {flag('dim')} {chosen.dimension} for a new collection)")
     return chosen
+
+
+def optional_embedder(name: str, dimension: int) -> Embedder | None:
+    """:func:`embedder_for`, or None for ``none`` (memories without a vector stay without one).
+
+    Raises:
+        ConfigError: as :func:`embedder_for`.
+    """
+    return None if name == "none" else embedder_for(name, dimension)

@@ -10,11 +10,20 @@ import re
 import psycopg
 
 
+def flag(option: str) -> str:
+    """How the command line spells a stage's keyword option: ``lock_wait`` is ``--lock-wait``."""
+    return "--" + option.replace("_", "-")
+
+
 class UnifiedMemoryError(Exception):
-    """Root of every error the tool raises on purpose. ``exit_code`` is what the CLI returns."""
+    """Root of every error the tool raises on purpose. ``exit_code`` is what the CLI returns.
+
+    ``option`` names the keyword option (if any) that would have changed the outcome, so a caller can say so in
+    its own terms; the message words it as the command line spells it (:func:`flag`).
+    """
 
     exit_code = 1
-    transient = False
+    option: str | None = None
 
 
 class ConfigError(UnifiedMemoryError):
@@ -43,14 +52,19 @@ class DatabaseUnavailable(UnifiedMemoryError):
     """The database could not be reached; trying again later may work."""
 
     exit_code = 3
-    transient = True
 
 
 class LockBusy(UnifiedMemoryError):
-    """Another run holds the advisory lock, or a table lock could not be taken in time."""
+    """Another run holds the advisory lock, or a table lock could not be taken in time.
+
+    With ``option`` (the wait that ran out, e.g. ``lock_wait``), the message ends by suggesting to raise it.
+    """
 
     exit_code = 4
-    transient = True
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(f"{message}, or raise {flag(option)}" if option else message)
+        self.option = option
 
 
 class SchemaError(UnifiedMemoryError):
@@ -92,6 +106,19 @@ class RollbackError(UnifiedMemoryError):
     """The rollback refused to proceed or could not prove its result; the database is unchanged."""
 
     exit_code = 9
+
+
+class ConfirmationRequired(UnifiedMemoryError):
+    """A command that changes or drops data was called without ``yes``: ``what`` it would do is named."""
+
+    exit_code = 9
+    option = "yes"
+
+    def __init__(self, what: str, *, alternative: str | None = None, note: str | None = None) -> None:
+        hint = f"pass {flag('yes')}" + (" to proceed" if alternative else "")
+        hint += f", or {flag(alternative)} for the plan" if alternative else ""
+        super().__init__(f"{what}: {hint}" + (f" ({note})" if note else ""))
+        self.what, self.alternative = what, alternative
 
 
 class ValidationFailed(UnifiedMemoryError):
@@ -152,3 +179,7 @@ def translate(exc: psycopg.Error, context: str) -> UnifiedMemoryError:
         return UnifiedMemoryError(f"{context}: the database server's disk is full [53100]; free space, then run "
                                   "the command again (a re-run completes the work)")
     return UnifiedMemoryError(detail)
+
+
+class RollbackNotConfirmed(ConfirmationRequired, RollbackError):
+    """The rollback was called without ``yes`` (nor ``dry_run``)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from .checks import SECONDS, Serialised
 from .db import has_extension_available, relation_exists
 from .errors import ConfigError
 
@@ -181,17 +182,13 @@ FROM generate_series(1, {rows}) AS i""",
 
 
 @dataclass
-class FixtureResult:
+class FixtureResult(Serialised):
     """What ``create`` made: shape and row count per table."""
 
     shapes: dict[str, str]
     rows: dict[str, int] = field(default_factory=dict)
     vector_type: str = "real[]"
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {"shapes": self.shapes, "rows": self.rows, "vector_type": self.vector_type,
-                "seconds": round(self.seconds, 3)}
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
 
 def _before_unified_schema(conn: psycopg.Connection) -> bool:

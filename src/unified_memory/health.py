@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg.rows import dict_row
 
+from .checks import RUN_OK, SECONDS, Serialised
 from .db import maintenance, relation_exists, scalar
 from .errors import SchemaError, ValidationFailed
 from .live import lag
@@ -36,8 +37,11 @@ VECTOR_PENDING = ("SELECT count(*) FROM memories WHERE embedding_id IS NULL AND 
 
 
 @dataclass
-class Health:
+class Health(Serialised):
     """The health figures; ``healthy`` is false when data quality or the last run is wrong."""
+
+    json_derived: ClassVar[dict[str, str]] = {"healthy": "healthy"}
+    json_order: ClassVar[tuple[str, ...]] = ("healthy",)
 
     counts: dict[str, int] = field(default_factory=dict)
     quality: dict[str, int] = field(default_factory=dict)
@@ -46,17 +50,17 @@ class Health:
     quarantined: int = 0
     vectors: dict[str, Any] | None = None
     live: dict[str, Any] = field(default_factory=dict)  # change capture: waiting, oldest, conflicts
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
     @property
     def healthy(self) -> bool:
-        run_ok = self.last_run is None or self.last_run["status"] in ("succeeded", "nothing_to_do")
+        run_ok = self.last_run is None or self.last_run["status"] in RUN_OK
         return run_ok and not any(self.quality.values())
 
     def problems(self) -> list[str]:
         """What makes it unhealthy, by name (numbers only)."""
         found = [f"{name} {n}" for name, n in self.quality.items() if n]
-        if self.last_run is not None and self.last_run["status"] not in ("succeeded", "nothing_to_do"):
+        if self.last_run is not None and self.last_run["status"] not in RUN_OK:
             found.append(f"last migration run {self.last_run['run_id']} is {self.last_run['status']}")
         return found
 
@@ -64,11 +68,6 @@ class Health:
         """Raises ValidationFailed naming the problems (the CLI's exit code 10)."""
         if not self.healthy:
             raise ValidationFailed("health found problems: " + ", ".join(self.problems()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "counts": self.counts, "quality": self.quality,
-                "top_tenants": self.top_tenants, "last_run": self.last_run, "quarantined": self.quarantined,
-                "vectors": self.vectors, "live": self.live, "seconds": round(self.seconds, 3)}
 
 
 def health(conn: psycopg.Connection) -> Health:

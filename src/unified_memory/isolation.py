@@ -18,8 +18,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import scalar_row
 
 from . import contract
+from .db import all_rows, first_column, scalar
 
 APP_ROLE = "unified_memory_app"
 MAINTENANCE_ROLE = "unified_memory_maintenance"
@@ -70,27 +72,27 @@ def reachable(conn: psycopg.Connection) -> Finding:
     """Every relation and function the application role can use, and what is wrong with each."""
     found = Finding("isolation.reachable", "every relation the application role can use is a table with forced "
                     "row-level security and a policy, or a security_invoker view; no SECURITY DEFINER function")
-    relations = conn.execute(_REACHABLE, {"role": APP_ROLE}).fetchall()
-    here = str(conn.execute("SELECT current_schema()").fetchone()[0])  # type: ignore[index]
-    for schema, name, kind, rls, forced, invoker, policies, privileges in relations:
-        label = f"{schema}.{name}"
-        if kind in ("r", "p", "f"):
-            if not (rls and forced) and not (schema == here and name in contract.RLS_TABLES):  # isolation.rls says
+    relations = all_rows(conn, _REACHABLE, {"role": APP_ROLE})
+    here = str(scalar(conn, "SELECT current_schema()"))
+    for r in relations:
+        label, rls = f"{r['schema']}.{r['name']}", r["rls"]
+        if r["kind"] in ("r", "p", "f"):
+            if not (rls and r["forced"]) and not (r["schema"] == here and r["name"] in contract.RLS_TABLES):
                 found.problems.append(f"{label}: row-level security is {'not forced' if rls else 'disabled'}")
-            elif rls and not policies:
+            elif rls and not r["policies"]:  # (the RLS of our own tables is isolation.rls's to report)
                 found.problems.append(f"{label}: row-level security has no policy")
-        elif not invoker:
+        elif not r["invoker"]:
             found.problems.append(f"{label}: a view the application can read runs as its owner (no security_invoker)")
         found.problems += [f"{label}: {APP_ROLE} holds {p}, which bypasses row-level security"
-                           for p in privileges if p in _BYPASSING]
-    creatable = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(current_schemas(false)) "
-                             "AND has_schema_privilege(%s, oid, 'CREATE')", [APP_ROLE]).fetchall()
-    found.problems += [f"schema {r[0]}: {APP_ROLE} can CREATE objects there that could shadow ours "
-                       f"(REVOKE CREATE ON SCHEMA {r[0]} FROM PUBLIC)" for r in creatable]
-    functions = conn.execute(_FUNCTIONS, {"role": APP_ROLE}).fetchall()
-    found.problems += [f"function {sig} runs as its owner (SECURITY DEFINER) and the application can call it"
-                       for sig, definer in functions if definer]
-    found.evidence = {"relations": {f"{r[0]}.{r[1]}": list(r[7]) for r in relations},
+                           for p in r["privileges"] if p in _BYPASSING]
+    creatable = first_column(conn, "SELECT nspname FROM pg_namespace WHERE nspname = ANY(current_schemas(false)) "
+                             "AND has_schema_privilege(%s, oid, 'CREATE')", [APP_ROLE])
+    found.problems += [f"schema {schema}: {APP_ROLE} can CREATE objects there that could shadow ours "
+                       f"(REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC)" for schema in creatable]
+    functions = all_rows(conn, _FUNCTIONS, {"role": APP_ROLE})
+    found.problems += [f"function {f['signature']} runs as its owner (SECURITY DEFINER) and the application can "
+                       "call it" for f in functions if f["definer"]]
+    found.evidence = {"relations": {f"{r['schema']}.{r['name']}": list(r["privileges"]) for r in relations},
                       "functions": len(functions)}
     return found
 
@@ -155,8 +157,8 @@ def _pairs(conn: psycopg.Connection) -> list[_Tenants]:
     """The probe tenants (with a relationship and an audit row each) and the two largest real tenants."""
     made: dict[str, list[uuid.UUID]] = {}
     for user in ("um-validate:probe-a", "um-validate:probe-b"):
-        made[user] = [r[0] for r in conn.execute(
-            "INSERT INTO memories (user_id, text) VALUES (%s, 'probe'), (%s, 'probe') RETURNING id", [user, user])]
+        made[user] = first_column(
+            conn, "INSERT INTO memories (user_id, text) VALUES (%s, 'probe'), (%s, 'probe') RETURNING id", [user, user])
         conn.execute("INSERT INTO memory_relationships (source_memory_id, derived_memory_id, relationship_type) "
                      "VALUES (%s, %s, 'reflection')", made[user])
         conn.execute("INSERT INTO memory_access_log (memory_id, user_id, access_type) VALUES (%s, %s, 'read')",
@@ -202,9 +204,9 @@ def _error(conn: psycopg.Connection, statement: str, params: list[Any]) -> tuple
 
 
 def _count(conn: psycopg.Connection, statement: str, params: list[Any]) -> int:
-    with conn.transaction(force_rollback=True):
-        cur = conn.execute(statement.encode(), params)
-        return cur.rowcount if cur.description is None else int(cur.fetchone()[0])  # type: ignore[index]
+    with conn.transaction(force_rollback=True), conn.cursor(row_factory=scalar_row) as cur:
+        cur.execute(statement.encode(), params)
+        return cur.rowcount if cur.description is None else int(cur.fetchone() or 0)
 
 
 def _reads(conn: psycopg.Connection, t: _Tenants) -> list[str]:

@@ -16,14 +16,15 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row, scalar_row
 
 from . import livesql
+from .checks import SECONDS, Serialised, json_field, rounded
 from .db import maintenance, relation_exists, scalar
 from .errors import LockBusy, translate
 from .mapping import TableMapping, mapping_for
@@ -37,8 +38,10 @@ Outcome = Literal["applied", "conflict", "table_gone"]
 
 
 @dataclass
-class CatchUp:
+class CatchUp(Serialised):
     """What one catch-up applied."""
+
+    json_derived: ClassVar[dict[str, str]] = {"changes_per_second": "changes_per_second"}
 
     changes: int = 0
     batches: int = 0
@@ -47,33 +50,28 @@ class CatchUp:
     deleted: int = 0
     quarantined: int = 0
     conflicts: int = 0
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
     lag: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changes_per_second(self) -> float:
+        return round(self.changes / self.seconds, 1) if self.seconds else 0.0
 
     def add(self, other: CatchUp) -> None:
         for name in ("changes", "batches", "inserted", "updated", "deleted", "quarantined", "conflicts", "seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.lag = other.lag
 
-    def to_dict(self) -> dict[str, Any]:
-        rate = self.changes / self.seconds if self.seconds else 0.0
-        return {**asdict(self), "seconds": round(self.seconds, 3), "changes_per_second": round(rate, 1)}
-
 
 @dataclass(frozen=True)
-class Lag:
+class Lag(Serialised):
     """Changes waiting for catch-up, the age of the oldest, conflicts so far, and which tables are captured."""
 
     waiting: int = 0
-    oldest_seconds: float | None = None
+    oldest_seconds: float | None = field(default=None, metadata=json_field(convert=rounded))
     conflicts: int = 0
     capturing: tuple[str, ...] = ()
     cut_over: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        age = None if self.oldest_seconds is None else round(self.oldest_seconds, 3)
-        return {"waiting": self.waiting, "oldest_seconds": age, "conflicts": self.conflicts,
-                "capturing": list(self.capturing), "cut_over": list(self.cut_over)}
 
 
 @dataclass(frozen=True)
@@ -188,20 +186,13 @@ def retry_locked(conn: psycopg.Connection, work: Callable[[], Any], *, lock_time
     Raises:
         LockBusy: the locks could not be taken in ``attempts`` tries.
     """
-    delay = 0.05
-    for attempt in range(1, attempts + 1):
-        try:
-            with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-                return work()
-        except psycopg.errors.LockNotAvailable as exc:
-            if attempt == attempts:
-                raise LockBusy(f"the legacy tables stayed locked by the application through {attempts} tries of "
-                               f"{lock_timeout_ms} ms; try again later or raise --lock-timeout-ms") from exc
-            log.info("lock not available (attempt %d of %d); retrying in %.2f s", attempt, attempts, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")
+    from . import locks
+
+    try:
+        return locks.retry_locked(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
+                                  busy="the legacy tables stayed locked by the application")
+    except LockBusy as exc:
+        raise LockBusy(f"{exc}; try again later", option="lock_timeout_ms") from exc.__cause__
 
 
 # ------------------------------------------------------------------------------------------------ catch-up

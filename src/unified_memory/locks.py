@@ -15,13 +15,14 @@ Locks are re-entrant within a session, so ``migrate`` can take its backup on its
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Literal
+from typing import Literal, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -33,6 +34,8 @@ from .errors import LockBusy
 Command = Literal["schema up", "schema down", "schema repair", "migrate", "rollback", "backup", "vectors sync",
                   "cutover", "cleanup"]
 Mode = Literal["shared", "exclusive"]
+_T = TypeVar("_T")
+log = logging.getLogger("unified_memory.locks")
 
 NAMESPACE = 0x756D  # 'um': the first half of every key of this tool
 STATE_KEY = 10
@@ -86,7 +89,7 @@ def hold(conn: psycopg.Connection, command: Command, wait: float = DEFAULT_WAIT)
         if blocked is None:
             break
         if time.monotonic() >= deadline:
-            raise LockBusy(_busy_message(conn, command, blocked, wait))
+            raise LockBusy(_busy_message(conn, command, blocked, wait), option="lock_wait")
         time.sleep(_POLL)
     if not (saved_name.startswith("unified-memory ") and " pid=" in saved_name):  # an outer hold names the command
         conn.execute("SELECT set_config('application_name', %s, false)",
@@ -137,5 +140,42 @@ def _busy_message(conn: psycopg.Connection, command: Command, blocked: _Key, wai
     since = started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if started else "?"
     noun = _NOUN.get(what, what)
     return (f"another {noun} is running: `unified-memory {what}` holds the lock (client pid {client}, server "
-            f"pid {holder['server_pid']}, since {since}); {command} waited {wait:g} s. Try again when it is done, "
-            "or raise --lock-wait")
+            f"pid {holder['server_pid']}, since {since}); {command} waited {wait:g} s. Try again when it is done")
+
+
+# ------------------------------------------------------------------------------------------------ lock_timeout
+@dataclass(frozen=True)
+class Backoff:
+    """Seconds to sleep after the first busy try, doubled after each further one up to ``most``."""
+
+    first: float = 0.05
+    most: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """The sleep after try ``attempt`` (counted from 1)."""
+        return min(self.first * 2 ** (attempt - 1), self.most)
+
+
+def retry_locked(conn: psycopg.Connection, work: Callable[[], _T], *, lock_timeout_ms: int, attempts: int,
+                 backoff: Backoff = Backoff(), busy: str = "a table stayed locked") -> _T:
+    """Run ``work`` in one transaction with a short ``lock_timeout``, retried with backoff when a lock waits.
+
+    Other sessions' statements queue behind a waiting lock request, so a short timeout keeps them moving; a
+    lock that cannot be had in time rolls the transaction back and the work is tried again after a sleep.
+    ``busy`` opens the message of the error raised once the tries are used up.
+
+    Raises:
+        LockBusy: the locks could not be taken in ``attempts`` tries.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+                return work()
+        except psycopg.errors.LockNotAvailable as exc:
+            if attempt == attempts:
+                raise LockBusy(f"{busy} through {attempts} tries of {lock_timeout_ms} ms") from exc
+            delay = backoff.delay(attempt)
+            log.info("lock not available (attempt %d of %d); retrying in %.2f s", attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

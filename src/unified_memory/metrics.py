@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg.rows import dict_row
 
+from .checks import RUN_OK, RUN_STATUSES, SECONDS, Serialised, json_field
 from .db import maintenance
 from .errors import ConfigError, SchemaError, UnifiedMemoryError, VectorStoreError
 from .health import Health
@@ -41,7 +42,6 @@ PREFIX = "unified_memory"
 DECAY_TIERS = ("short", "medium", "long", "pinned")
 ACCESS_TYPES = ("read", "write", "update", "delete", "search")
 MEMORY_STATES = ("live", "soft_deleted", "expired")
-RUN_STATUSES = ("running", "succeeded", "failed", "interrupted", "nothing_to_do", "rolled_back")
 OTHER = "other"
 MAX_REASONS = 40  # quarantine reasons are written by the tool; a bound all the same
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -109,16 +109,19 @@ def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily
 
 
 @dataclass
-class Snapshot:
+class Snapshot(Serialised):
     """The metric families of one moment, and how long they took to read."""
 
-    families: list[Metric] = field(default_factory=list)
-    seconds: float = 0.0
-    taken_at: float = 0.0
+    json_derived: ClassVar[dict[str, str]] = {"samples": "samples"}
+    json_order: ClassVar[tuple[str, ...]] = ("families", "samples", "seconds")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"families": len(self.families), "samples": sum(len(f.samples) for f in self.families),
-                "seconds": round(self.seconds, 3)}
+    families: list[Metric] = field(default_factory=list, metadata=json_field(convert=len))
+    seconds: float = field(default=0.0, metadata=SECONDS)
+    taken_at: float = field(default=0.0, metadata=json_field(omit=True))
+
+    @property
+    def samples(self) -> int:
+        return sum(len(f.samples) for f in self.families)
 
 
 def snapshot(conn: psycopg.Connection, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Snapshot:
@@ -487,8 +490,7 @@ def health_families(result: Health) -> list[Metric]:
     quarantined.add_metric([], result.quarantined)
     run_ok = _gauge("health_last_run_ok", "1 when the last migration run succeeded or had nothing to do (or there "
                                           "is none).")
-    run_ok.add_metric([], 1 if result.last_run is None or result.last_run["status"] in ("succeeded",
-                                                                                          "nothing_to_do") else 0)
+    run_ok.add_metric([], 1 if result.last_run is None or result.last_run["status"] in RUN_OK else 0)
     seconds = _gauge("health_duration_seconds", "How long the health queries took.")
     seconds.add_metric([], result.seconds)
     return [healthy, counts, quality, quarantined, run_ok, seconds]

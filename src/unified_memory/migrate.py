@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
@@ -23,10 +24,12 @@ from psycopg.rows import dict_row
 
 from . import batchsql, live, locks, privileges, ranges
 from .accounting import TableAccount, account
+from .checks import SECONDS, RunStatus, Serialised, as_dict, json_field
 from .db import analyze, custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, MigrationError, SchemaError, describe, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .parallel import MAX_JOBS, WORK_MEM, Phases, Workers, default_jobs, server_cores
+from .progress import Progress
 from .shapes import Detected, check_relation, detect
 
 log = logging.getLogger("unified_memory.migrate")
@@ -35,7 +38,7 @@ _SPLITTABLE = ("22", "23", "P0", "42", "2B", "54")  # data, integrity, raised, u
 
 
 @dataclass(frozen=True)
-class MigrationOptions:
+class MigrationOptions(Serialised):
     """How to run: batch bounds, tables, time zone, expiry policy, throttle, dry run, parallel connections."""
 
     batch_size: int = 20000
@@ -49,26 +52,28 @@ class MigrationOptions:
     jobs: int = 0  # parallel connections; 0: the server's core count as far as it can tell (capped)
     lock_timeout_ms: int = 2000  # starting change capture waits at most this long for the application's locks
 
-    def to_dict(self) -> dict[str, object]:
-        return {"batch_size": self.batch_size, "max_batch_bytes": self.max_batch_bytes, "tables": list(self.tables),
-                "source_timezone": self.source_timezone, "expiry": self.expiry, "pause_ms": self.pause_ms,
-                "dry_run": self.dry_run, "defer_indexes": self.defer_indexes, "jobs": self.jobs,
-                "lock_timeout_ms": self.lock_timeout_ms}
-
 
 @dataclass
-class TableRun:
+class TableRun(Serialised):
     """What one table's pass did in this run (the account holds the totals)."""
 
-    shape: str
+    json_derived: ClassVar[dict[str, str]] = {"rows_per_second": "rows_per_second"}
+    json_order: ClassVar[tuple[str, ...]] = ("pending_before", "batches", "rows", "migrated", "vectors",
+                                             "isolated_by_split", "seconds", "rows_per_second")
+
+    shape: str = field(metadata=json_field(omit=True))
     pending_before: int = 0
     batches: int = 0
     rows: int = 0
     migrated: int = 0
     vectors: int = 0
-    isolated: int = 0  # rows found by splitting a failed batch
-    seconds: float = 0.0
+    isolated: int = field(default=0, metadata=json_field(key="isolated_by_split"))  # found by splitting a batch
+    seconds: float = field(default=0.0, metadata=SECONDS)
     ranges: int = 0  # key ranges of this pass (one connection each at a time)
+
+    @property
+    def rows_per_second(self) -> float:
+        return round(self.rows / self.seconds, 1) if self.seconds else 0.0
 
     def add(self, other: TableRun) -> None:
         self.batches, self.rows = self.batches + other.batches, self.rows + other.rows
@@ -77,44 +82,34 @@ class TableRun:
 
 
 @dataclass
-class MigrationRun:
+class MigrationRun(Serialised):
     """The result of ``migrate``: per-table run figures, outcome accounts, and seconds per phase."""
 
-    status: str
+    json_derived: ClassVar[dict[str, str]] = {"tables": "per_table", "unaccounted": "unaccounted"}
+    json_order: ClassVar[tuple[str, ...]] = ("status", "dry_run", "run_id", "shapes", "seconds", "options",
+                                             "rebuilt_indexes", "tables", "unaccounted", "phases", "catch_up")
+
+    status: RunStatus
     dry_run: bool
     run_id: int | None = None
     shapes: dict[str, str | None] = field(default_factory=dict)
-    tables: dict[str, TableRun] = field(default_factory=dict)
-    accounts: dict[str, TableAccount] = field(default_factory=dict)
+    tables: dict[str, TableRun] = field(default_factory=dict, metadata=json_field(omit=True))
+    accounts: dict[str, TableAccount] = field(default_factory=dict, metadata=json_field(omit=True))
     rebuilt_indexes: int = 0
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
     options: dict[str, object] = field(default_factory=dict)
-    phases: Phases = field(default_factory=Phases)
+    phases: Phases = field(default_factory=Phases, metadata=json_field(convert=Phases.rounded))
     catch_up: live.CatchUp | None = None  # the application's changes applied at the end (live.py)
 
     @property
     def unaccounted(self) -> int:
         return sum(a.unaccounted for a in self.accounts.values())
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "status": self.status, "dry_run": self.dry_run, "run_id": self.run_id, "shapes": self.shapes,
-            "seconds": round(self.seconds, 3), "options": self.options, "rebuilt_indexes": self.rebuilt_indexes,
-            "tables": {t: {**self.accounts[t].to_dict(), "this_run": _run_dict(r)} if t in self.accounts
-                       else {"this_run": _run_dict(r)} for t, r in self.tables.items()},
-            "unaccounted": self.unaccounted, "phases": self.phases.to_dict(),
-            "catch_up": self.catch_up.to_dict() if self.catch_up else None,
-        }
-
-
-def _run_dict(r: TableRun) -> dict[str, object]:
-    rate = r.rows / r.seconds if r.seconds else 0.0
-    return {"pending_before": r.pending_before, "batches": r.batches, "rows": r.rows, "migrated": r.migrated,
-            "vectors": r.vectors, "isolated_by_split": r.isolated, "seconds": round(r.seconds, 3),
-            "rows_per_second": round(rate, 1), "ranges": r.ranges}
-
-
-Progress = Callable[[str, int, int], None]  # (table, rows done, rows total)
+    @property
+    def per_table(self) -> dict[str, dict[str, Any]]:
+        """Each table's account (when there is one) and what this run did to it."""
+        return {t: {**(as_dict(self.accounts[t]) if t in self.accounts else {}), "this_run": as_dict(r)}
+                for t, r in self.tables.items()}
 
 
 def migrate(conn: psycopg.Connection, options: MigrationOptions | None = None, *,
@@ -425,7 +420,7 @@ def _open_ledger(conn: psycopg.Connection, run: MigrationRun, opts: MigrationOpt
     return int(run_id)
 
 
-def _close_ledger(conn: psycopg.Connection, run: MigrationRun, status: str, error: str | None) -> None:
+def _close_ledger(conn: psycopg.Connection, run: MigrationRun, status: RunStatus, error: str | None) -> None:
     if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         return
     counts = {t: a.to_dict() for t, a in run.accounts.items()}

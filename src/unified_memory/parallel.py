@@ -45,7 +45,8 @@ class Phases:
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
-    def to_dict(self) -> dict[str, float]:
+    def rounded(self) -> dict[str, float]:
+        """Seconds per phase, to the millisecond."""
         with self._lock:
             return {k: round(v, 3) for k, v in self.seconds.items()}
 

@@ -16,7 +16,7 @@ from typing import Literal
 import psycopg
 from psycopg import sql
 
-from .db import scalar
+from .db import first_column, scalar
 from .errors import MissingPrivilege
 
 Command = Literal["migrate", "backup", "validate", "rollback", "vectors"]
@@ -95,9 +95,8 @@ def require(conn: psycopg.Connection, command: Command, *, legacy: Iterable[str]
 
 def present_legacy_tables(conn: psycopg.Connection) -> list[str]:
     """The legacy tables that exist in the current schema."""
-    rows = conn.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(quote_ident(t)) IS NOT NULL",
-                        [list(LEGACY_TABLES)]).fetchall()
-    return [str(r[0]) for r in rows]
+    return [str(t) for t in first_column(conn, "SELECT t FROM unnest(%s::text[]) AS t "
+                                              "WHERE to_regclass(quote_ident(t)) IS NOT NULL", [list(LEGACY_TABLES)])]
 
 
 def _resolved(need: Need, database: str) -> Need:

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from . import ranges
 from .accounting import account
 from .batchsql import mapped_source, range_predicate
+from .checks import Serialised, json_field
 from .db import relation_exists, scalar
 from .mapping import RECONCILED, TableMapping, mapping_for
 from .parallel import Workers
@@ -37,23 +38,23 @@ _META_DST = ("CASE WHEN NOT coalesce(m.meta -> 'legacy' ? 'id_in_use', false) TH
              "ELSE jsonb_set(m.meta, '{legacy}', (m.meta -> 'legacy') - 'id_in_use') END")
 
 
+def _first_20(items: list[str]) -> list[str]:
+    return items[:20]
+
+
 @dataclass
-class ContentDiff:
+class ContentDiff(Serialised):
     """The result of comparing one table's mapped source rows with their memories."""
 
     table: str
     compared_rows: int = 0
     tenants: int = 0
-    differing_tenants: list[str] = field(default_factory=list)
+    differing_tenants: list[str] = field(default_factory=list, metadata=json_field(convert=_first_20))
     differing_keys: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
         return not self.differing_tenants
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "compared_rows": self.compared_rows, "tenants": self.tenants,
-                "differing_tenants": self.differing_tenants[:20], "differing_keys": self.differing_keys}
 
 
 def counts(conn: psycopg.Connection, table: str, shape: str) -> dict[str, Any]:

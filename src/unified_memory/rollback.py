@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Literal
 
 import psycopg
 from psycopg import sql
@@ -31,8 +31,9 @@ from .backup import (
     tables_data,
     verify,
 )
-from .db import maintenance, relation_exists, scalar
-from .errors import RollbackError, redacted_message, translate
+from .checks import SECONDS, RollbackStatus, Serialised, json_field
+from .db import maintenance, one_row, relation_exists, scalar
+from .errors import RollbackError, RollbackNotConfirmed, flag, redacted_message, translate
 
 log = logging.getLogger("unified_memory.rollback")
 
@@ -40,7 +41,8 @@ STAGE = "unified_memory_rollback_stage"
 SAVED = "unified_memory_rollback_saved"
 
 # count and an order-independent checksum of whole rows: the sum of a 64-bit slice of each row's md5
-ROW_CHECKSUM = ("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text "
+ROW_CHECKSUM = ("SELECT count(*) AS rows, "
+                "coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0)::text AS checksum "
                 "FROM {} t")
 # changed since the migration: a version above the one the migration last wrote (catch-up's own edits and
 # soft-deletes are recorded in memory_migration_synced, 020); without 020, any edit or soft delete
@@ -51,27 +53,28 @@ _DELETE_MIGRATED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s)"
 _DELETE_UNCHANGED = "DELETE FROM memories WHERE source_table = ANY(%(tables)s) AND NOT {changed}"
 
 
+RestoreAction = Literal["restored", "replaced", "unchanged", "kept"]
+
+
 @dataclass
-class TableRestore:
+class TableRestore(Serialised):
     """What the rollback did (or would do) to one legacy table."""
 
-    table: str
-    action: str  # restored (it was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
+    table: str = field(metadata=json_field(omit=True))
+    action: RestoreAction  # restored (was gone) | replaced (on request, it had changed) | unchanged | kept (live rows)
     rows: int
     rows_added_since: int = 0
     rows_missing_since: int = 0
     kept_new_rows: int = 0
     saved_as: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "rows": self.rows, "rows_added_since": self.rows_added_since,
-                "rows_missing_since": self.rows_missing_since, "kept_new_rows": self.kept_new_rows,
-                "saved_as": self.saved_as}
-
 
 @dataclass
-class RollbackResult:
+class RollbackResult(Serialised):
     """The rollback's plan or outcome."""
+
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
     backup: str
     dry_run: bool
@@ -80,19 +83,12 @@ class RollbackResult:
     memories_kept_changed: int = 0
     quarantine_cleared: int = 0
     checkpoints_cleared: int = 0
-    runs_marked: int = 0
-    seconds: float = 0.0
+    runs_marked: int = field(default=0, metadata=json_field(key="runs_marked_rolled_back"))
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
     @property
-    def status(self) -> str:
+    def status(self) -> RollbackStatus:
         return "planned" if self.dry_run else "rolled_back"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "backup": self.backup, "dry_run": self.dry_run,
-                "tables": {t: r.to_dict() for t, r in self.tables.items()},
-                "memories_removed": self.memories_removed, "memories_kept_changed": self.memories_kept_changed,
-                "quarantine_cleared": self.quarantine_cleared, "checkpoints_cleared": self.checkpoints_cleared,
-                "runs_marked_rolled_back": self.runs_marked, "seconds": round(self.seconds, 3)}
 
 
 def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = None, dry_run: bool = False,
@@ -115,7 +111,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     started = time.monotonic()
     manifest = verify(path, secret=secret)
     if not dry_run and not yes:
-        raise RollbackError("the rollback changes the database: pass --yes to proceed, or --dry-run for the plan")
+        raise RollbackNotConfirmed("the rollback changes the database", alternative="dry_run")
     if not conn.autocommit:
         raise RollbackError("rollback needs an autocommit connection: it owns its transaction")
     _check_identity(conn, manifest, into_other_database)
@@ -123,11 +119,7 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     tables = list(manifest.tables.values())
     try:
         with locks.hold(conn, "rollback", lock_wait), maintenance(conn), conn.transaction(force_rollback=dry_run):
-            privileges.require(conn, "rollback")
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-            conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
-            for statement in DETERMINISTIC_SESSION:
-                conn.execute(statement)
+            _prepare(conn, lock_timeout_ms)
             restore = [e for e in tables if replace_tables or not relation_exists(conn, _name(conn, e.table))]
             _stage(conn, path, restore, secret)
             for entry in tables:
@@ -148,20 +140,29 @@ def rollback(conn: psycopg.Connection, path: Path, *, secret: bytes | None = Non
     return result
 
 
+def _prepare(conn: psycopg.Connection, lock_timeout_ms: int) -> None:
+    """The privileges the rollback needs, and its transaction's settings."""
+    privileges.require(conn, "rollback")
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
+    conn.execute("SET LOCAL synchronize_seqscans = off")  # read staged rows back in their load order
+    for statement in DETERMINISTIC_SESSION:
+        conn.execute(statement)
+
+
 def _check_identity(conn: psycopg.Connection, manifest: BackupManifest, into_other_database: bool) -> None:
     here = identity(conn)
     differences = manifest.identity.differences(here)
     if differences and not into_other_database:
         raise RollbackError(f"this backup is of another database ({'; '.join(differences)}): refusing to restore "
-                            f"it into {here.database!r}; nothing was changed. Pass --into-other-database to do so "
-                            "on purpose")
+                            f"it into {here.database!r}; nothing was changed. Pass {flag('into_other_database')} to "
+                            "do so on purpose")
     if differences:
         log.warning("restoring a backup of another database on purpose: %s", "; ".join(differences))
 
 
 def _stage(conn: psycopg.Connection, path: Path, tables: list[TableBackup], secret: bytes | None) -> None:
     """Restore every table into the staging schema and prove it equals the manifest."""
-    if conn.execute("SELECT to_regnamespace(%s)", [STAGE]).fetchone() != (None,):
+    if scalar(conn, "SELECT to_regnamespace(%s)", [STAGE]) is not None:
         raise RollbackError(f"schema {STAGE} exists: another rollback left it; inspect and drop it first")
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(STAGE)))
     restore.prepare(conn, STAGE)
@@ -199,9 +200,9 @@ def _kept(conn: psycopg.Connection, entry: TableBackup) -> TableRestore:
 
 def row_checksum(conn: psycopg.Connection, table: sql.Identifier) -> tuple[int, str]:
     """(rows, order-independent checksum of all columns) of a table, computed in SQL."""
-    row = conn.execute(sql.SQL(ROW_CHECKSUM).format(table)).fetchone()
+    row = one_row(conn, sql.SQL(ROW_CHECKSUM).format(table))
     assert row is not None
-    return int(row[0]), str(row[1])
+    return int(row["rows"]), str(row["checksum"])
 
 
 def _ensure_types(conn: psycopg.Connection, entry: TableBackup) -> None:
@@ -275,8 +276,8 @@ def _undo_unified_side(conn: psycopg.Connection, result: RollbackResult, tables:
         return
     params = {"tables": tables}
     predicate = _CHANGED[relation_exists(conn, "memory_migration_synced")]
-    changed = conn.execute(sql.SQL(_COUNT_CHANGED).format(changed=sql.SQL(predicate)), params).fetchone()
-    result.memories_kept_changed = 0 if force else int(changed[0]) if changed else 0
+    changed = scalar(conn, sql.SQL(_COUNT_CHANGED).format(changed=sql.SQL(predicate)), params)
+    result.memories_kept_changed = 0 if force else int(changed or 0)
     delete = sql.SQL(_DELETE_MIGRATED if force else _DELETE_UNCHANGED).format(changed=sql.SQL(predicate))
     result.memories_removed = conn.execute(delete, params).rowcount
     cutover.undo(conn, tables)

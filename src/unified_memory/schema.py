@@ -14,20 +14,20 @@ import functools
 import hashlib
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
 from . import adopt, drift, locks, sqlfile
-from .db import relation_exists, scalar
-from .errors import LockBusy, SchemaError
+from .checks import SECONDS, Serialised, json_field
+from .db import all_rows, one_row, relation_exists, scalar
+from .errors import SchemaError, flag
 
-_T = TypeVar("_T")
+_BACKOFF = locks.Backoff(first=0.25, most=8.0)  # DDL: the application's locks may be held for a while
 
 TRACKING_TABLE = drift.LEDGER
 
@@ -57,7 +57,7 @@ class MigrationFile:
 
 
 @dataclass
-class SchemaStatus:
+class SchemaStatus(Serialised):
     """Applied and pending files, and applied files whose content changed since."""
 
     applied: list[dict[str, str]] = field(default_factory=list)
@@ -69,31 +69,17 @@ class SchemaStatus:
     drift: list[dict[str, str]] = field(default_factory=list)  # objects of applied files missing or altered
     untracked: list[str] = field(default_factory=list)  # applied before fingerprints were recorded
 
-    def to_dict(self) -> dict[str, object]:
-        return {"applied": self.applied, "pending": self.pending, "edited": self.edited,
-                "unrecorded": self.unrecorded, "adoptable": self.adoptable, "adopted": self.adopted,
-                "drift": self.drift, "untracked": self.untracked}
-
 
 @dataclass
-class SchemaResult:
+class SchemaResult(Serialised):
     """What ``up`` or ``down`` did."""
 
-    action: str
+    action: Literal["up", "down", "repair"]
     files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
     dry_run: bool = False
-    adoption: dict[str, Any] | None = None
-    reverted: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {"action": self.action, "files": self.files, "seconds": round(self.seconds, 3),
-                                   "dry_run": self.dry_run}
-        if self.adoption is not None:
-            data["adoption"] = self.adoption
-        if self.reverted is not None:
-            data["reverted"] = self.reverted
-        return data
+    adoption: dict[str, Any] | None = field(default=None, metadata=json_field(omit_if=lambda r: r.adoption is None))
+    reverted: dict[str, Any] | None = field(default=None, metadata=json_field(omit_if=lambda r: r.reverted is None))
 
 
 def discover(directory: Path | None = None) -> list[MigrationFile]:
@@ -133,11 +119,10 @@ def status(conn: psycopg.Connection, *, directory: Path | None = None) -> Schema
 
 def _present(conn: psycopg.Connection, version: str) -> bool:
     """Whether objects of file ``version`` exist, recognised by the COMMENT every file gives its objects."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass "
+    return bool(scalar(
+        conn, "SELECT EXISTS (SELECT 1 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass "
         "AND d.objoid = c.oid AND d.objsubid = 0 WHERE c.relnamespace = current_schema()::regnamespace "
-        "AND left(d.description, 19) = %s)", [f"unified-memory {version}:"]).fetchone()
-    return bool(row and row[0])
+        "AND left(d.description, 19) = %s)", [f"unified-memory {version}:"]))
 
 
 def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str | None = None,
@@ -164,11 +149,13 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
         found = adopt.detect(conn) if any(mf.version == "016" for mf in files) else None
         if found is not None and not adopt_first:
             raise SchemaError("the first implementation's 016 is here: adopt it explicitly with "
-                              "`unified-memory schema up --dry-run`, then `unified-memory schema up`")
+                              f"`unified-memory schema up {flag('dry_run')}`, then `unified-memory schema up`")
         if found is not None:
             by_version = {mf.version: mf for mf in discover(directory)}
-            result.adoption = _retrying(lambda: _adopt(conn, by_version, found, lock_timeout_ms, dry_run,
-                                                       source_timezone), "adoption of the first 016", retries)
+            result.adoption = locks.retry_locked(
+                conn, lambda: _adopt(conn, by_version, found, dry_run, source_timezone),
+                lock_timeout_ms=lock_timeout_ms, attempts=retries + 1, backoff=_BACKOFF,
+                busy="adoption of the first 016: a table stayed locked")
             result.files += [mf.path.name + " (adopted)" * (mf.version == "016") for mf in by_version.values()]
             files = []
         for mf in files:
@@ -188,8 +175,8 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
 
 
 def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found: adopt.Found,
-           lock_timeout_ms: int, dry_run: bool, source_timezone: str) -> dict[str, Any]:
-    """The adoption and every file after it in one transaction (rolled back for a dry run)."""
+           dry_run: bool, source_timezone: str) -> dict[str, Any]:
+    """The adoption and every file after it in the caller's transaction (rolled back for a dry run)."""
     def run_file(version: str) -> None:
         if version == "later":
             for later in sorted(v for v in by_version if v > "016"):
@@ -203,7 +190,6 @@ def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found
         drift.record(conn, version, before, after)
 
     with conn.transaction(force_rollback=dry_run):
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
         try:
             report = adopt.adopt(conn, found, _statements(by_version["016"].path), run_file, dry_run=dry_run,
                                  source_timezone=source_timezone)
@@ -231,8 +217,9 @@ def down(conn: psycopg.Connection, *, directory: Path | None = None, steps: int 
             _refuse_data_loss(conn, [f for f in undo if not (f.version == "016" and adopted)])
         for mf in undo:
             if mf.version == "016" and adopted:
-                result.reverted = _retrying(functools.partial(_revert, conn, mf, lock_timeout_ms),
-                                            "undoing the adoption", retries)
+                result.reverted = locks.retry_locked(
+                    conn, functools.partial(_revert, conn, mf), lock_timeout_ms=lock_timeout_ms,
+                    attempts=retries + 1, backoff=_BACKOFF, busy="undoing the adoption: a table stayed locked")
                 result.files.append(mf.path.name + " (adoption undone)")
                 continue
             if mf.down_path is None:
@@ -259,18 +246,19 @@ def _refuse_data_loss(conn: psycopg.Connection, files: list[MigrationFile]) -> N
     losses = []
     for mf in files:
         for name in _dropped_tables(mf):
-            found = conn.execute(_RELATION, [name]).fetchone()
+            found = one_row(conn, _RELATION, [name])
             if found is None:
                 continue
+            table = found["relname"]
             rows = int(scalar(conn, sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1000000) r").format(
-                sql.Identifier(found[0], found[1]))))
+                sql.Identifier(found["nspname"], table))))
             if rows:
                 shown = f"{rows:,}" if rows < 1000000 else "1,000,000 or more"
-                losses.append(f"{found[1]} ({shown} rows: {_WHAT.get(found[1], 'data')}, by {mf.down_path.name})"
-                              if mf.down_path else found[1])
+                losses.append(f"{table} ({shown} rows: {_WHAT.get(table, 'data')}, by {mf.down_path.name})"
+                              if mf.down_path else table)
     if losses:
         raise SchemaError("schema down would drop tables that hold rows: " + "; ".join(losses)
-                          + ". Nothing was changed; back them up, or pass --force to drop them")
+                          + f". Nothing was changed; back them up, or pass {flag('force')} to drop them")
 
 
 def _dropped_tables(mf: MigrationFile) -> list[str]:
@@ -285,29 +273,17 @@ def _dropped_tables(mf: MigrationFile) -> list[str]:
     return names
 
 
-def _revert(conn: psycopg.Connection, mf: MigrationFile, lock_timeout_ms: int) -> dict[str, Any]:
-    with conn.transaction():
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-        try:
-            report = adopt.revert(conn)
-        except psycopg.errors.LockNotAvailable:
-            raise
-        except psycopg.Error as exc:
-            raise SchemaError(f"undoing the adoption failed, nothing was changed: "
-                              f"[{exc.sqlstate}] {exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
-        _forget(conn, mf)
+def _revert(conn: psycopg.Connection, mf: MigrationFile) -> dict[str, Any]:
+    """Undo the adoption in the caller's transaction."""
+    try:
+        report = adopt.revert(conn)
+    except psycopg.errors.LockNotAvailable:
+        raise
+    except psycopg.Error as exc:
+        raise SchemaError(f"undoing the adoption failed, nothing was changed: "
+                          f"[{exc.sqlstate}] {exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+    _forget(conn, mf)
     return report.to_dict()
-
-
-def _retrying(work: Callable[[], _T], what: str, retries: int) -> _T:
-    for attempt in range(retries + 1):
-        try:
-            return work()
-        except psycopg.errors.LockNotAvailable as exc:
-            if attempt == retries:
-                raise LockBusy(f"{what}: a table stayed locked through {retries} retries") from exc
-            time.sleep(min(0.25 * 2**attempt, 8.0))
-    raise AssertionError("unreachable")
 
 
 def repair(conn: psycopg.Connection, *, lock_wait: float = 10.0, lock_timeout_ms: int = 2000,
@@ -317,18 +293,18 @@ def repair(conn: psycopg.Connection, *, lock_wait: float = 10.0, lock_timeout_ms
     result = SchemaResult("repair")
 
     def work() -> list[drift.Drift]:
-        with conn.transaction():
-            conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-            try:
-                return drift.repair(conn)
-            except psycopg.errors.LockNotAvailable:
-                raise
-            except psycopg.Error as exc:
-                raise SchemaError(f"repair failed, nothing was changed: [{exc.sqlstate}] "
-                                  f"{exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
+        try:
+            return drift.repair(conn)
+        except psycopg.errors.LockNotAvailable:
+            raise
+        except psycopg.Error as exc:
+            raise SchemaError(f"repair failed, nothing was changed: [{exc.sqlstate}] "
+                              f"{exc.diag.message_primary or exc}", sqlstate=exc.sqlstate) from exc
 
     with locks.hold(conn, "schema repair", lock_wait):
-        result.files = [str(d) for d in _retrying(work, "schema repair", retries)]
+        repaired = locks.retry_locked(conn, work, lock_timeout_ms=lock_timeout_ms, attempts=retries + 1,
+                                      backoff=_BACKOFF, busy="schema repair: a table stayed locked")
+        result.files = [str(d) for d in repaired]
     result.seconds = time.monotonic() - started
     return result
 
@@ -344,8 +320,9 @@ def ensure_applied(conn: psycopg.Connection, *, directory: Path | None = None) -
 def _applied(conn: psycopg.Connection) -> dict[str, tuple[str, str]]:
     if not relation_exists(conn, TRACKING_TABLE):
         return {}
-    query = sql.SQL("SELECT version, sha256, applied_at::text FROM {}").format(sql.Identifier(TRACKING_TABLE))
-    return {row[0]: (row[1], row[2]) for row in conn.execute(query)}
+    query = sql.SQL("SELECT version, sha256, applied_at::text AS applied_at FROM {}").format(
+        sql.Identifier(TRACKING_TABLE))
+    return {row["version"]: (row["sha256"], row["applied_at"]) for row in all_rows(conn, query)}
 
 
 def _statements(path: Path) -> list[sqlfile.Statement]:
@@ -356,8 +333,9 @@ def _run_with_retries(conn: psycopg.Connection, path: Path, lock_timeout_ms: int
                       record: MigrationFile | None = None, forget: MigrationFile | None = None,
                       force: bool = False) -> None:
     statements = _statements(path)
-    _retrying(lambda: _run_once(conn, path, statements, lock_timeout_ms, record=record, forget=forget, force=force),
-              path.name, retries)
+    locks.retry_locked(conn, lambda: _run_once(conn, path, statements, record=record, forget=forget, force=force),
+                       lock_timeout_ms=lock_timeout_ms, attempts=retries + 1, backoff=_BACKOFF,
+                       busy=f"{path.name}: a table stayed locked")
 
 
 def _execute(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement]) -> None:
@@ -388,19 +366,18 @@ def _forget(conn: psycopg.Connection, mf: MigrationFile) -> None:
     conn.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(TRACKING_TABLE)), [mf.version])
 
 
-def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement], lock_timeout_ms: int,
-              *, record: MigrationFile | None, forget: MigrationFile | None, force: bool) -> None:
+def _run_once(conn: psycopg.Connection, path: Path, statements: list[sqlfile.Statement], *,
+              record: MigrationFile | None, forget: MigrationFile | None, force: bool) -> None:
+    """One file in the caller's transaction, recorded (or forgotten) in the ledger with it."""
     started = time.monotonic()
-    with conn.transaction():
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
-        if force:
-            conn.execute("SELECT set_config('unified_memory.allow_data_loss', 'on', true)")
-        before = drift.snapshot(conn) if record is not None else None
-        _execute(conn, path, statements)
-        after = drift.snapshot(conn) if record is not None else None
-        conn.execute(_CREATE_TRACKING)
-        if record is not None:
-            _record(conn, record, started)
-            drift.record(conn, record.version, before, after or {})
-        if forget is not None:
-            _forget(conn, forget)
+    if force:
+        conn.execute("SELECT set_config('unified_memory.allow_data_loss', 'on', true)")
+    before = drift.snapshot(conn) if record is not None else None
+    _execute(conn, path, statements)
+    after = drift.snapshot(conn) if record is not None else None
+    conn.execute(_CREATE_TRACKING)
+    if record is not None:
+        _record(conn, record, started)
+        drift.record(conn, record.version, before, after or {})
+    if forget is not None:
+        _forget(conn, forget)

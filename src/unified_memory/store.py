@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, dict_row, scalar_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -196,9 +196,9 @@ class Tenant:
 
     def forget(self, memory_id: uuid.UUID, *, correlation_id: str | None = None) -> bool:
         """Soft-delete (audited); False when there is no such live memory of this tenant."""
-        row = self.conn.execute("SELECT soft_delete_memory(%s::uuid, %s::varchar, %s::varchar, %s::varchar)",
-                                [memory_id, self.user_id, self.org_id, correlation_id]).fetchone()
-        return bool(row and row[0])
+        with self.conn.cursor(row_factory=scalar_row) as cur:
+            return bool(cur.execute("SELECT soft_delete_memory(%s::uuid, %s::varchar, %s::varchar, %s::varchar)",
+                                    [memory_id, self.user_id, self.org_id, correlation_id]).fetchone())
 
     def relate(self, source_id: uuid.UUID, derived_id: uuid.UUID, rel_type: str = "semantic_link", *,
                confidence: float = 1.0, metadata: dict[str, Any] | None = None) -> uuid.UUID:
@@ -271,10 +271,11 @@ def _check_tenant(user_id: str, org_id: str | None) -> None:
 
 def _refuse_privileged(conn: psycopg.Connection) -> None:
     """A pool connection must not be able to bypass row-level security, and must be able to act as the app."""
-    row = conn.execute("SELECT rolsuper OR rolbypassrls, pg_has_role(current_user, %s, 'MEMBER') FROM pg_roles "
-                       "WHERE rolname = current_user", [APP_ROLE]).fetchone()
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute("SELECT rolsuper OR rolbypassrls AS bypasses, pg_has_role(current_user, %s, 'MEMBER') "
+                          "AS app FROM pg_roles WHERE rolname = current_user", [APP_ROLE]).fetchone()
     conn.rollback()
-    if row is None or row[0] or not row[1]:
+    if row is None or row["bypasses"] or not row["app"]:
         raise ConfigError(f"the store's login must be a member of {APP_ROLE}, and neither superuser nor BYPASSRLS")
 
 

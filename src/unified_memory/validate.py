@@ -13,17 +13,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
 from . import contract, drift, isolation, privileges, reconcile
 from .backup import BackupManifest
-from .checks import FAIL, PASS, WARN, Check
-from .db import analyze, maintenance, relation_exists, scalar
-from .errors import ShapeError, ValidationFailed
+from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, ValidationStatus
+from .db import all_rows, analyze, first_column, maintenance, one_row, relation_exists, scalar
+from .errors import ShapeError, ValidationFailed, flag
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .parallel import Workers, default_jobs
 from .shapes import LEGACY_TABLES, detect
@@ -32,16 +33,24 @@ __all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
 
 
 @dataclass
-class ValidationReport:
+class ValidationReport(Serialised):
     """Every check, and the distributions the guide lists (for people)."""
+
+    json_derived: ClassVar[dict[str, str]] = {"status": "status", "counts": "counts"}
+    json_order: ClassVar[tuple[str, ...]] = ("status", "counts", "seconds", "totals", "checks", "distributions")
 
     checks: list[Check] = field(default_factory=list)
     distributions: dict[str, list[list[Any]]] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
     @property
-    def status(self) -> str:
+    def counts(self) -> dict[Status, int]:
+        """Checks per verdict."""
+        return {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
+
+    @property
+    def status(self) -> Status:
         statuses = {c.status for c in self.checks}
         return FAIL if FAIL in statuses else WARN if WARN in statuses else PASS
 
@@ -53,11 +62,6 @@ class ValidationReport:
         if self.status == FAIL:
             raise ValidationFailed(f"{len(self.failed())} validation checks failed: "
                                    + ", ".join(c.name for c in self.failed()[:10]))
-
-    def to_dict(self) -> dict[str, Any]:
-        counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
-        return {"status": self.status, "counts": counts, "seconds": round(self.seconds, 3), "totals": self.totals,
-                "checks": [c.to_dict() for c in self.checks], "distributions": self.distributions}
 
 
 VectorChecks = Callable[[psycopg.Connection], list[Check]]
@@ -99,9 +103,10 @@ def record_run(conn: psycopg.Connection, report: ValidationReport, began: dateti
     """One row in ``memory_validation_runs`` (023) for monitoring; nothing when 023 is not applied."""
     if not relation_exists(conn, "memory_validation_runs"):
         return
+    recorded: ValidationStatus = "failed" if report.status == FAIL else "passed"
     conn.execute("INSERT INTO memory_validation_runs (started_at, status, checks, failed, warnings, failed_checks) "
                  "VALUES (%s, %s, %s, %s, %s, %s)",
-                 [began, "failed" if report.status == FAIL else "passed", len(report.checks), len(report.failed()),
+                 [began, recorded, len(report.checks), len(report.failed()),
                   sum(c.status == WARN for c in report.checks), Jsonb([c.name for c in report.failed()])])
 
 
@@ -117,8 +122,8 @@ def _verdict(name: str, problems: list[str], ok: str, evidence: dict[str, Any] |
 def schema_checks(conn: psycopg.Connection) -> list[Check]:
     """The catalog against the contract: tables, columns, constraints, indexes, functions, triggers, views."""
     here = scalar(conn, "SELECT current_schema()")
-    tables = {r[0] for r in conn.execute(
-        "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace AND relkind IN ('r', 'p')")}
+    tables = set(first_column(conn, "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                                    "AND relkind IN ('r', 'p')"))
     missing = [f"table {t} is missing" for t in contract.COLUMNS if t not in tables]
     checks = [_verdict("schema.tables", missing, "memories, memory_access_log and memory_relationships exist",
                        {"schema": here})]
@@ -157,18 +162,18 @@ def _columns(conn: psycopg.Connection) -> Check:
 
 
 def _constraints(conn: psycopg.Connection) -> Check:
-    live = {name: (table, valid) for name, table, valid in conn.execute(
-        "SELECT conname, conrelid::regclass::text, convalidated FROM pg_constraint "
+    live = {r["conname"]: r for r in all_rows(
+        conn, "SELECT conname, conrelid::regclass::text AS table_name, convalidated FROM pg_constraint "
         "WHERE connamespace = current_schema()::regnamespace")}
     problems = []
     for name, table in contract.CONSTRAINTS.items():
-        if name not in live or live[name][0] != table:
+        if name not in live or live[name]["table_name"] != table:
             problems.append(f"constraint {name} on {table} is missing")
-        elif not live[name][1]:
+        elif not live[name]["convalidated"]:
             problems.append(f"constraint {name} is NOT VALID")
-    fks = [r[0] for r in conn.execute(
-        "SELECT confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'memory_relationships'::regclass "
-        "AND contype = 'f'")]
+    fks = first_column(
+        conn, "SELECT confrelid::regclass::text FROM pg_constraint WHERE conrelid = 'memory_relationships'::regclass "
+        "AND contype = 'f'")
     if sorted(fks) != ["memories", "memories"]:
         problems.append(f"memory_relationships foreign keys point at {sorted(fks)}, expected memories")
     return _verdict("schema.constraints", problems, f"{len(contract.CONSTRAINTS)} constraints present and valid")
@@ -178,7 +183,7 @@ def _indexes(conn: psycopg.Connection) -> Check:
     live = {name: valid for name, valid in conn.execute(
         "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
         "WHERE c.relnamespace = current_schema()::regnamespace")}
-    deferred = {r[0] for r in conn.execute("SELECT index_name FROM memory_migration_deferred_indexes")} \
+    deferred = set(first_column(conn, "SELECT index_name FROM memory_migration_deferred_indexes")) \
         if relation_exists(conn, "memory_migration_deferred_indexes") else set()
     problems = [f"index {n} is missing" + (" (dropped for a load; re-run migrate)" if n in deferred else "")
                 for n in contract.INDEXES if n not in live]
@@ -187,19 +192,19 @@ def _indexes(conn: psycopg.Connection) -> Check:
 
 
 def _functions(conn: psycopg.Connection) -> Check:
-    rows = conn.execute("SELECT proname, pronargs, provolatile FROM pg_proc "
-                        "WHERE pronamespace = current_schema()::regnamespace AND proname = ANY(%s)",
-                        [list(contract.FUNCTIONS)]).fetchall()
+    rows = all_rows(conn, "SELECT proname, pronargs, provolatile FROM pg_proc "
+                          "WHERE pronamespace = current_schema()::regnamespace AND proname = ANY(%s)",
+                    [list(contract.FUNCTIONS)])
     problems = []
     for name, nargs in contract.FUNCTIONS.items():
-        found = [r for r in rows if r[0] == name]
+        found = [r for r in rows if r["proname"] == name]
         if not found:
             problems.append(f"function {name} is missing")
         elif len(found) > 1:
             problems.append(f"function {name} has {len(found)} definitions (calls are ambiguous; legacy overload?)")
-        elif found[0][1] != nargs:
-            problems.append(f"function {name} takes {found[0][1]} arguments, expected {nargs}")
-        elif name in contract.NOT_IMMUTABLE and found[0][2] == "i":
+        elif found[0]["pronargs"] != nargs:
+            problems.append(f"function {name} takes {found[0]['pronargs']} arguments, expected {nargs}")
+        elif name in contract.NOT_IMMUTABLE and found[0]["provolatile"] == "i":
             problems.append(f"function {name} is declared IMMUTABLE but reads the clock")
     return _verdict("schema.functions", problems, f"{len(contract.FUNCTIONS)} functions, one definition each")
 
@@ -261,23 +266,24 @@ INTEGRITY_RULES: dict[str, str] = {
 
 def integrity_checks(conn: psycopg.Connection) -> list[Check]:
     """One scan of memories counting every rule's violations; ids of offenders (never text)."""
-    filters = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(sql.SQL(c))
-                                 for c in INTEGRITY_RULES.values())
-    row = conn.execute(sql.SQL("SELECT count(*), {} FROM memories").format(filters)).fetchone()
+    filters = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {}) AS {}").format(sql.SQL(c), sql.Identifier(r))
+                                 for r, c in INTEGRITY_RULES.items())
+    row = one_row(conn, sql.SQL("SELECT count(*) AS memories, {} FROM memories").format(filters))
     assert row is not None
     expiry_by_choice = scalar(conn, "SELECT count(*) FROM memory_migration_runs WHERE options ->> 'expiry' = "
                                      "'created' AND status IN ('succeeded', 'running', 'interrupted')")
     checks = []
-    for (rule, condition), count in zip(INTEGRITY_RULES.items(), row[1:], strict=True):
-        evidence: dict[str, Any] = {"memories": int(row[0]), "violations": int(count)}
+    for rule, condition in INTEGRITY_RULES.items():
+        count = row[rule]
+        evidence: dict[str, Any] = {"memories": int(row["memories"]), "violations": int(count)}
         if not count:
-            checks.append(Check(f"integrity.{rule}", PASS, f"no violation among {row[0]} memories", evidence))
+            checks.append(Check(f"integrity.{rule}", PASS, f"no violation among {row['memories']} memories", evidence))
             continue
-        evidence["sample_ids"] = [str(r[0]) for r in conn.execute(
-            sql.SQL("SELECT id FROM memories WHERE {} ORDER BY id LIMIT 10").format(sql.SQL(condition)))]
+        evidence["sample_ids"] = [str(i) for i in first_column(
+            conn, sql.SQL("SELECT id FROM memories WHERE {} ORDER BY id LIMIT 10").format(sql.SQL(condition)))]
         chosen = rule == "expired_on_arrival" and expiry_by_choice
         checks.append(Check(f"integrity.{rule}", WARN if chosen else FAIL,
-                            f"{count} memories violate {rule}" + (" (the run chose --expiry created)" if chosen
+                            f"{count} memories violate {rule}" + (f" (the run chose {flag('expiry')} created)" if chosen
                                                                    else ""), evidence))
     return checks
 
@@ -330,8 +336,8 @@ def _without_source(conn: psycopg.Connection, table: str, manifest: BackupManife
     if entry is None:
         seen = reconcile.outcomes_without_source(conn, table)
         status = WARN if seen else PASS
-        return Check(name, status, f"{table} is absent" + (f" but {seen} rows have outcomes: pass --backup to "
-                                                            "reconcile against its manifest" if seen else ""),
+        hint = f" but {seen} rows have outcomes: pass {flag('backup')} to reconcile against its manifest"
+        return Check(name, status, f"{table} is absent" + (hint if seen else ""),
                      {"outcomes": seen})
     seen = reconcile.outcomes_without_source(conn, table)
     ok = seen == entry.rows
@@ -361,15 +367,15 @@ def isolation_checks(conn: psycopg.Connection) -> list[Check]:
 
 def _sessions(conn: psycopg.Connection) -> Check:
     problems: list[str] = []
-    sampled = conn.execute("SELECT user_id, org_id, count(*) FROM memories GROUP BY user_id, org_id "
-                           "ORDER BY count(*) DESC, user_id LIMIT 3").fetchall()
+    sampled = all_rows(conn, "SELECT user_id, org_id, count(*) AS memories FROM memories GROUP BY user_id, org_id "
+                             "ORDER BY count(*) DESC, user_id LIMIT 3")
     with conn.transaction(force_rollback=True):
-        probe = conn.execute(
-            "INSERT INTO memories (user_id, org_id, text) VALUES ('um-validate:a', NULL, 'probe a'), "
-            "('um-validate:b', NULL, 'probe b') RETURNING id").fetchall()
+        probes = first_column(
+            conn, "INSERT INTO memories (user_id, org_id, text) VALUES ('um-validate:a', NULL, 'probe a'), "
+            "('um-validate:b', NULL, 'probe b') RETURNING id")
         conn.execute("INSERT INTO memory_access_log (memory_id, user_id, access_type) VALUES (%s, 'um-validate:b', "
-                     "'read')", [probe[1][0]])
-        tenants = [*sampled, ("um-validate:a", None, 1)]
+                     "'read')", [probes[1]])
+        tenants = [*((r["user_id"], r["org_id"], r["memories"]) for r in sampled), ("um-validate:a", None, 1)]
         try:
             with _as_app(conn):
                 for user, org, expected in tenants:
@@ -392,15 +398,16 @@ def _as_app(conn: psycopg.Connection) -> Iterator[None]:
 
 def _one_tenant(conn: psycopg.Connection, user: str, org: str | None, expected: int) -> list[str]:
     conn.execute("SELECT set_config('app.user_id', %s, true), set_config('app.org_id', %s, true)", [user, org or ""])
-    seen = conn.execute("SELECT count(*), count(*) FILTER (WHERE user_id <> %s OR org_id IS DISTINCT FROM %s) "
-                        "FROM memories", [user, org]).fetchone()
-    logs = conn.execute("SELECT count(*) FROM memory_access_log WHERE user_id <> %s", [user]).fetchone()
-    assert seen is not None and logs is not None
+    seen = one_row(conn, "SELECT count(*) AS visible, count(*) FILTER (WHERE user_id <> %s OR org_id IS DISTINCT "
+                         "FROM %s) AS foreign_rows FROM memories", [user, org])
+    logs = scalar(conn, "SELECT count(*) FROM memory_access_log WHERE user_id <> %s", [user])
+    assert seen is not None
+    foreign, own = seen["foreign_rows"], seen["visible"] - seen["foreign_rows"]
     problems = []
-    if seen[1] or logs[0]:
-        problems.append(f"tenant {user}/{org} sees {seen[1]} memories and {logs[0]} log rows of other tenants")
-    if seen[0] - seen[1] != expected:
-        problems.append(f"tenant {user}/{org} sees {seen[0] - seen[1]} of its {expected} memories")
+    if foreign or logs:
+        problems.append(f"tenant {user}/{org} sees {foreign} memories and {logs} log rows of other tenants")
+    if own != expected:
+        problems.append(f"tenant {user}/{org} sees {own} of its {expected} memories")
     return problems
 
 
@@ -435,9 +442,8 @@ CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
 def index_checks(conn: psycopg.Connection) -> list[Check]:
     """EXPLAIN the canonical tenant queries after ANALYZE: each must use one of its intended indexes."""
     analyze(conn)
-    sample = conn.execute("SELECT user_id, coalesce(org_id, ''), memory_type FROM memories "
-                          "ORDER BY org_id IS NULL, id LIMIT 1").fetchone() or ("nobody", "", "general")
-    params = {"u": sample[0], "o": sample[1], "t": sample[2]}
+    params = one_row(conn, "SELECT user_id AS u, coalesce(org_id, '') AS o, memory_type AS t FROM memories "
+                           "ORDER BY org_id IS NULL, id LIMIT 1") or {"u": "nobody", "o": "", "t": "general"}
     small = scalar(conn, "SELECT reltuples < 10000 FROM pg_class WHERE oid = 'memories'::regclass")
     checks = []
     for name, (query, intended) in CANONICAL_QUERIES.items():
@@ -459,10 +465,10 @@ def _indexes_used(conn: psycopg.Connection, query: str, params: dict[str, str], 
         if not seqscan:  # on a small table indexes tie on cost; an index that also gives the order must win
             conn.execute("SET LOCAL enable_seqscan = off")
             conn.execute("SET LOCAL enable_sort = off")
-        plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + sql.SQL(query), params).fetchone()
+        plan = scalar(conn, sql.SQL("EXPLAIN (FORMAT JSON) ") + sql.SQL(query), params)
     assert plan is not None
     found: list[str] = []
-    _walk(plan[0][0]["Plan"], found)
+    _walk(plan[0]["Plan"], found)
     return sorted(set(found))
 
 
@@ -550,9 +556,10 @@ def _probe(conn: psycopg.Connection, name: str, statements: tuple[str, ...], ok:
     try:
         with conn.transaction():
             for statement in statements:
-                cur = conn.execute(statement)
-                row = cur.fetchone() if cur.description else None
-                if row is not None and isinstance(row[0], bool) and not row[0]:
+                with conn.cursor(row_factory=scalar_row) as cur:
+                    cur.execute(statement)
+                    value = cur.fetchone() if cur.description else None
+                if value is False:
                     return Check(name, FAIL, f"wrong result from the probe: expected {ok}")
     except psycopg.Error as exc:
         return Check(name, FAIL, f"[{exc.sqlstate}] {exc.diag.message_primary}")
@@ -573,6 +580,7 @@ _DISTRIBUTIONS = {
 def distributions(conn: psycopg.Connection) -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
     """The guide's distributions (for the human report) and its headline totals."""
     dist = {name: [list(r) for r in conn.execute(q)] for name, q in _DISTRIBUTIONS.items()}
-    row = conn.execute("SELECT count(*), count(DISTINCT user_id), count(DISTINCT org_id) FROM memories").fetchone()
-    assert row is not None
-    return dist, {"total_memories": row[0], "unique_users": row[1], "unique_orgs": row[2]}
+    totals = one_row(conn, "SELECT count(*) AS total_memories, count(DISTINCT user_id) AS unique_users, "
+                           "count(DISTINCT org_id) AS unique_orgs FROM memories")
+    assert totals is not None
+    return dist, totals

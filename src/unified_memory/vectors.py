@@ -27,8 +27,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import psycopg
@@ -39,12 +39,13 @@ from psycopg.pq import Format
 from psycopg.rows import class_row, dict_row, scalar_row
 
 from . import privileges
-from .checks import FAIL, PASS, WARN, Check
+from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, json_field
 from .db import custom_plans, maintenance, relation_exists, scalar
 from .embedders import Embedder
 from .errors import LockBusy, VectorStoreError
 from .health import vector_lag
 from .milvus import DataType, MilvusClient, MilvusException
+from .progress import Progress
 from .settings import DEFAULT_COLLECTION, DEFAULT_DIMENSION, redact_uri
 
 log = logging.getLogger("unified_memory.vectors")
@@ -191,16 +192,13 @@ class CollectionSpec:
 
 # ------------------------------------------------------------------------------------------- up
 @dataclass
-class UpResult:
+class UpResult(Serialised):
     """What ``vectors up`` did."""
 
     collection: str
     action: Literal["created", "existing"]
     indexes_created: list[str] = field(default_factory=list)
     entities: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def schema_for(spec: CollectionSpec) -> Any:
@@ -304,34 +302,36 @@ def count(client: MilvusClient, spec: CollectionSpec) -> int:
 
 
 # ------------------------------------------------------------------------------------------- sync
+def _samples(no_vector: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Memories left without a vector: how many per reason, and the first ids (never their text)."""
+    return {reason: {"count": len(ids), "sample_ids": ids[:10]} for reason, ids in no_vector.items()}
+
+
 @dataclass
-class SyncResult:
+class SyncResult(Serialised):
     """What ``vectors sync`` did: entities written and removed, vectors per source, memories left without one."""
+
+    json_derived: ClassVar[dict[str, str]] = {"rows_per_second": "rows_per_second"}
+    json_order: ClassVar[tuple[str, ...]] = ("collection", "synced", "removed", "outbox_changes", "batches",
+                                             "vector_sources", "seconds", "rows_per_second", "no_vector")
 
     collection: str
     synced: int = 0
     removed: int = 0
-    changes: int = 0
+    changes: int = field(default=0, metadata=json_field(key="outbox_changes"))
     batches: int = 0
-    sources: Counter[str] = field(default_factory=Counter)
-    no_vector: dict[str, list[str]] = field(default_factory=dict)
-    seconds: float = 0.0
+    sources: Counter[str] = field(default_factory=Counter, metadata=json_field(key="vector_sources"))
+    no_vector: dict[str, list[str]] = field(default_factory=dict, metadata=json_field(convert=_samples))
+    seconds: float = field(default=0.0, metadata=SECONDS)
+
+    @property
+    def rows_per_second(self) -> float:
+        return round(self.synced / self.seconds, 1) if self.seconds else 0.0
 
     @property
     def idle(self) -> bool:
         """Nothing was there to do."""
         return not (self.synced or self.removed or self.changes or self.no_vector)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"collection": self.collection, "synced": self.synced, "removed": self.removed,
-                "outbox_changes": self.changes, "batches": self.batches,
-                "vector_sources": dict(self.sources), "seconds": round(self.seconds, 3),
-                "rows_per_second": round(self.synced / self.seconds, 1) if self.seconds else 0.0,
-                "no_vector": {reason: {"count": len(ids), "sample_ids": ids[:10]}
-                              for reason, ids in self.no_vector.items()}}
-
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -635,18 +635,14 @@ def tenant_filter(user_id: str, org_id: str | None, *, live_at: int | None = Non
 
 
 @dataclass
-class SearchResult:
+class SearchResult(Serialised):
     """A tenant-filtered search: hits (id, score, memory type, text), how they were found, how long it took."""
 
     user_id: str
     org_id: str | None
     hits: list[dict[str, Any]] = field(default_factory=list)
     strategy: Literal["exact", "index", "index+exact"] = "exact"
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "org_id": self.org_id, "hits": self.hits, "strategy": self.strategy,
-                "seconds": round(self.seconds, 3)}
+    seconds: float = field(default=0.0, metadata=SECONDS)
 
 
 def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, embedder: Embedder, *,
@@ -760,8 +756,11 @@ def _hits(conn: psycopg.Connection, user_id: str, org_id: str | None,
 
 # ------------------------------------------------------------------------------------------- verify
 @dataclass
-class VerifyResult:
+class VerifyResult(Serialised):
     """Vector checks: per-tenant counts, every entity's fields and vector (or a sample), a filtered search."""
+
+    json_derived: ClassVar[dict[str, str]] = {"status": "status"}
+    json_order: ClassVar[tuple[str, ...]] = ("status",)
 
     checks: list[Check] = field(default_factory=list)
 
@@ -769,8 +768,14 @@ class VerifyResult:
     def ok(self) -> bool:
         return all(c.status != FAIL for c in self.checks)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": PASS if self.ok else FAIL, "checks": [c.to_dict() for c in self.checks]}
+    @property
+    def status(self) -> Status:
+        return PASS if self.ok else FAIL
+
+    def raise_for_failure(self) -> None:
+        """Raises VectorStoreError when a check failed (the CLI's exit code 11)."""
+        if not self.ok:
+            raise VectorStoreError("the collection differs from memories (see the failed checks above)")
 
 
 def verify(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, embedder: Embedder | None, *,
