@@ -332,7 +332,7 @@ def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object
                 batchsql.keys_in_range(m, pending=rg.anti_join), params)]
             if len(keys) <= 1:
                 with conn.transaction():
-                    conn.execute(batchsql.quarantine_one(m), {**params, "upper": keys[0] if keys else params["upper"],
+                    conn.execute(batchsql.quarantine_one(m), {**params, "upper": next(iter(keys), params["upper"]),
                                                               "sqlstate": exc.sqlstate})
                 tr.isolated += 1
                 log.warning("quarantined table=%s reason=rejected_by_database sqlstate=%s", m.table, exc.sqlstate)
@@ -340,7 +340,8 @@ def _attempt(conn: psycopg.Connection, m: TableMapping, params: dict[str, object
             middle = keys[len(keys) // 2 - 1]
         first = _attempt(conn, m, {**params, "upper": middle}, tr, rg, phases)
         second = _attempt(conn, m, {**params, "after": middle}, tr, rg, phases)
-        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+        rows, migrated, vectors = (a + b for a, b in zip(first, second, strict=True))
+        return rows, migrated, vectors
 
 
 def _next_upper(conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, after: str | None,

@@ -8,6 +8,7 @@ provenance key narrows the difference down to the offending keys. Everything run
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,17 +137,17 @@ def content(conn: psycopg.Connection, table: str, shape: str, *, source_timezone
               for i in range(len(cuts) - 1)]
     parts = workers.map(lambda c, p: _slice_sums(c, m, p), slices) if workers is not None else \
         [_slice_sums(conn, m, p) for p in slices]
-    totals: dict[tuple[str, str], list[Any]] = {}
+    counts: Counter[tuple[str, str]] = Counter()  # (side, tenant) -> rows
+    sums: Counter[tuple[str, str]] = Counter()  # (side, tenant) -> checksum
     for row in (r for part in parts for r in part):
-        acc = totals.setdefault((row["side"], row["tenant"]), [0, 0])
-        acc[0] += int(row["n"])
-        acc[1] += row["total"] or 0
+        counts[(row["side"], row["tenant"])] += int(row["n"])
+        sums[(row["side"], row["tenant"])] += row["total"] or 0
     diff = ContentDiff(table)
-    for tenant in sorted({t for _, t in totals}, key=str):
-        src, dst = totals.get(("src", tenant), [0, 0]), totals.get(("dst", tenant), [0, 0])
+    for tenant in sorted({t for _, t in counts}, key=str):
+        src, dst = ("src", tenant), ("dst", tenant)
         diff.tenants += 1
-        diff.compared_rows += dst[0]
-        if src != dst:
+        diff.compared_rows += counts[dst]
+        if (counts[src], sums[src]) != (counts[dst], sums[dst]):
             diff.differing_tenants.append(str(tenant))
     if diff.differing_tenants:
         keys = sql.SQL("{pairs} SELECT coalesce(s.source_key, d.source_key) AS key FROM src s FULL JOIN dst d "
