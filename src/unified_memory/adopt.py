@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from . import contract, sqlfile
@@ -105,9 +105,9 @@ def detect(conn: psycopg.Connection) -> Found | None:
         return None
     if "source_table" in columns["memories"] or any(not _core_columns(t) <= columns[t] for t in TABLES):
         return None
-    checks = [r[0] for r in conn.execute(
-        "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
-        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memories' AND k.contype = 'c'")]
+    checks: list[str] = _column_values(
+        conn, "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memories' AND k.contype = 'c'")
     ui = [d for d in checks if "ui_source" in d and all(v in d for v in _UI_CORE)]
     rows = {t: int(_count(conn, t)) for t in TABLES}
     # the columns decide; the ui_source CHECK (with or without 'streamlit') names the variant, if it is still there
@@ -118,17 +118,26 @@ def detect(conn: psycopg.Connection) -> Found | None:
 
 def adopted(conn: psycopg.Connection) -> bool:
     """Whether the ledger's 016 is an adoption (``schema down`` then reverts it instead of dropping tables)."""
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", [ADOPTION]).fetchone() == (True,)
+    return _value(conn, "SELECT to_regclass(%s) IS NOT NULL", [ADOPTION]) is True
+
+
+def _value(conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: list[Any] | None = None) -> Any:
+    """The one value ``query`` returns (None without a row)."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query.encode() if isinstance(query, str) else query, params).fetchone()
+
+
+def _column_values(conn: psycopg.Connection, query: str) -> list[Any]:
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query.encode()).fetchall()
 
 
 def _comment(conn: psycopg.Connection, table: str) -> str:
-    row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [table]).fetchone()
-    return str(row[0]) if row and row[0] else ""
+    return str(_value(conn, "SELECT obj_description(to_regclass(%s), 'pg_class')", [table]) or "")
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
-    return int(row[0]) if row else 0
+    return int(_value(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))) or 0)
 
 
 # ------------------------------------------------------------------------------------------- catalog
@@ -188,15 +197,14 @@ def _reference(conn: psycopg.Connection, statements: list[sqlfile.Statement]) ->
     """The catalog of our 016 built in a scratch schema (dropped again): the exact shape to convert to."""
     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(REFERENCE)))
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(REFERENCE)))
-    saved = conn.execute("SELECT current_setting('search_path')").fetchone()
-    assert saved is not None
+    saved = str(_value(conn, "SELECT current_setting('search_path')"))
     conn.execute("SELECT set_config('search_path', %s, true)", [REFERENCE])
     try:
         for statement in statements:
             conn.execute(_ddl(statement.sql))
         shape = catalog(conn)
     finally:
-        conn.execute("SELECT set_config('search_path', %s, true)", [saved[0]])
+        conn.execute("SELECT set_config('search_path', %s, true)", [saved])
     conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(REFERENCE)))
     return shape
 
@@ -233,8 +241,7 @@ def adopt(conn: psycopg.Connection, found: Found, statements: list[sqlfile.State
 
 
 def _scalar_int(conn: psycopg.Connection, query: str) -> int:
-    row = conn.execute(query.encode()).fetchone()
-    return int(row[0]) if row else 0
+    return int(_value(conn, query) or 0)
 
 
 _BOOKKEEPING = (
@@ -361,11 +368,13 @@ def _fill_nulls(conn: psycopg.Connection, found: dict[str, list[dict[str, Any]]]
         if not cols:
             continue
         conds = {c["column"]: _null(c) for c in cols}
-        counted = conn.execute(sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(cond) for cond in conds.values()),
-            sql.Identifier(table))).fetchone()
+        with conn.cursor(row_factory=dict_row) as cur:
+            counted = cur.execute(sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {}) AS {}").format(cond, sql.Identifier(name))
+                                   for name, cond in conds.items()),
+                sql.Identifier(table))).fetchone()
         assert counted is not None
-        filled.update({f"{table}.{name}": int(n) for name, n in zip(conds, counted, strict=True) if n})
+        filled.update({f"{table}.{name}": int(n) for name, n in counted.items() if n})
         any_null = sql.SQL(" OR ").join(conds.values())
         _save_images(conn, table, any_null)
         conn.execute(sql.SQL("UPDATE {} SET {} WHERE {}").format(
@@ -468,8 +477,9 @@ def claim(conn: psycopg.Connection, source_timezone: str = "UTC") -> dict[str, i
             continue
         m = mapping_for(table, found.shape)
         query = _claim_items(m) if m.expands else _claim_rows(m)
-        row = conn.execute(query, {"tz": source_timezone}).fetchone()
-        claimed[table] = int(row[0]) if row else 0
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(query, {"tz": source_timezone}).fetchone()
+        claimed[table] = int(row["claimed"]) if row else 0
     conn.execute("ALTER TABLE memories ENABLE TRIGGER memories_before_update")
     return claimed
 
@@ -511,7 +521,8 @@ upd AS (
     FROM hit WHERE t.id = hit.old_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM img), (SELECT count(*) FROM vec), (SELECT count(*) FROM log)"""
+SELECT (SELECT count(*) FROM upd) AS claimed, (SELECT count(*) FROM img) AS images,
+       (SELECT count(*) FROM vec) AS vectors, (SELECT count(*) FROM log) AS log_rows"""
 
 
 def _claim_rows(m: TableMapping) -> sql.Composed:
@@ -564,9 +575,9 @@ _OURS_POLICIES = (("memories_tenant_isolation", "memories"),
 
 def revert(conn: psycopg.Connection) -> RevertReport:
     """Undo the adoption in the caller's transaction: the shape found comes back, with every row."""
-    row = conn.execute(sql.SQL("SELECT found_shape FROM {}").format(sql.Identifier(ADOPTION))).fetchone()
-    assert row is not None
-    found: dict[str, list[dict[str, Any]]] = row[0]
+    found: dict[str, list[dict[str, Any]]] = _value(conn, sql.SQL("SELECT found_shape FROM {}").format(
+        sql.Identifier(ADOPTION)))
+    assert found is not None
     report = RevertReport()
     for table in TABLES:
         conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table)))
