@@ -447,14 +447,24 @@ def _fix_memories(conn: psycopg.Connection, report: AdoptionReport) -> None:
     """What our insert trigger would have set: decay_lambda by neuro_type, expiry by tier (pinned never)."""
     wrong = sql.SQL("decay_lambda IS NULL OR (decay_tier = 'pinned') <> (expires_at IS NULL)")
     _save_images(conn, "memories", wrong)
-    conn.execute("ALTER TABLE memories DISABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "DISABLE")
     rows = conn.execute(sql.SQL(
         "UPDATE memories SET decay_lambda = coalesce(decay_lambda, default_decay_lambda(neuro_type)), "
         "expires_at = CASE WHEN decay_tier = 'pinned' THEN NULL "
         "ELSE coalesce(expires_at, calculate_expires_at(decay_tier, created_at)) END WHERE {}").format(wrong)).rowcount
-    conn.execute("ALTER TABLE memories ENABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "ENABLE")
     if rows:
         report.filled["memories.decay_lambda/expires_at"] = rows
+
+
+def _update_trigger(conn: psycopg.Connection, action: Literal["DISABLE", "ENABLE"]) -> None:
+    """Our update trigger on memories, found by its function: 016 names it memories_before_update, 025
+    update_memories_updated_at (the first implementation's name)."""
+    name = _value(conn, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'memories'::regclass "
+                        "AND tgfoid = 'memories_before_update()'::regprocedure AND NOT tgisinternal")
+    if name is None:
+        raise ShapeError("memories has no update trigger executing memories_before_update()")
+    conn.execute(sql.SQL("ALTER TABLE memories {} TRIGGER {}").format(sql.SQL(action), sql.Identifier(name)))
 
 
 # ------------------------------------------------------------------------------------------- legacy copies
@@ -467,7 +477,7 @@ def claim(conn: psycopg.Connection, source_timezone: str = "UTC") -> dict[str, i
     again; the copy's previous image is kept for ``schema down``.
     """
     claimed: dict[str, int] = {}
-    conn.execute("ALTER TABLE memories DISABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "DISABLE")
     for table in PRECEDENCE:
         try:
             found = detect_shape(conn, table)
@@ -480,7 +490,7 @@ def claim(conn: psycopg.Connection, source_timezone: str = "UTC") -> dict[str, i
         with conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(query, {"tz": source_timezone}).fetchone()
         claimed[table] = int(row["claimed"]) if row else 0
-    conn.execute("ALTER TABLE memories ENABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "ENABLE")
     return claimed
 
 
@@ -561,7 +571,18 @@ hit AS (
 
 
 # ------------------------------------------------------------------------------------------- undo
-_OURS_TRIGGERS = ("memories_before_insert", "memories_before_update")
+# our triggers under 016's names and (when 025 was not undone first) under the first implementation's
+_OURS_TRIGGERS = ("memories_before_insert", "memories_before_update", "set_memory_defaults_trigger",
+                  "update_memories_updated_at")
+# 016's names of the indexes 025 renames (contract.INDEXES has the names after 025)
+_OURS_016_INDEXES = ("idx_memories_user_org", "idx_memories_created_at", "idx_memories_updated_at",
+                     "idx_memories_expires_at", "idx_memories_deleted_at", "idx_memories_tier_expires",
+                     "idx_memories_importance_created", "idx_memories_embedding_id", "idx_memories_session_created",
+                     "idx_memories_conversation_created", "idx_memories_ui_source_created",
+                     "idx_memories_memory_type_created", "idx_memories_neuro_type_created",
+                     "idx_memories_access_count_last", "idx_memories_user_org_type_created",
+                     "idx_memories_user_org_importance_created", "idx_memory_access_log_type_time",
+                     "idx_memory_access_log_time")
 _OURS_FUNCTIONS = ("memories_before_update()", "memories_before_insert()",
                    "soft_delete_memory(uuid, varchar, varchar, varchar)",
                    "create_memory_relationship(uuid, uuid, varchar, real, jsonb)",
@@ -608,7 +629,7 @@ def _drop_ours(conn: psycopg.Connection) -> None:
         conn.execute(sql.SQL("DROP POLICY IF EXISTS {} ON {}").format(sql.Identifier(policy), sql.Identifier(table)))
         conn.execute(sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY").format(
             sql.Identifier(table)))
-    for index in contract.INDEXES:
+    for index in (*contract.INDEXES, *_OURS_016_INDEXES):
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(index)))
 
 

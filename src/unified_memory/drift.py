@@ -84,6 +84,16 @@ WHERE p.pronamespace = current_schema()::regnamespace AND p.prokind = 'f'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
 """
 
+# an index a bulk load dropped (memory_migration_deferred_indexes) is what its recorded definition says: a file
+# applied meanwhile (025 renames them) records it, and the rebuilt index matches it
+_DEFERRED = """
+SELECT 'index' AS kind, d.index_name AS name, md5(d.definition) || ',true' AS fingerprint, d.definition AS ddl,
+       jsonb_build_object('table', 'memories', 'name', d.index_name) AS info,
+       coalesce(obj_description(to_regclass('memories'), 'pg_class'), '') AS comment
+FROM memory_migration_deferred_indexes d
+WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace
+                  AND c.relname = d.index_name)
+"""
 DEFERRED_TABLE = "memory_migration_deferred_indexes"
 
 
@@ -117,9 +127,12 @@ class Drift:
 
 
 def snapshot(conn: psycopg.Connection) -> Snapshot:
-    """Every object of the current schema that a file can create, with its fingerprint."""
+    """Every object of the current schema that a file can create, with its fingerprint (the indexes a bulk load
+    deferred as their recorded definitions)."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(_SNAPSHOT.encode()).fetchall()
+        if relation_exists(conn, DEFERRED_TABLE):
+            rows += cur.execute(_DEFERRED.encode()).fetchall()
     return {(r["kind"], r["name"]): Obj(r["fingerprint"], r["ddl"], r["info"], r["comment"]) for r in rows}
 
 
