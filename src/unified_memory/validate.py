@@ -419,8 +419,8 @@ CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
                 ("idx_memories_user", "idx_memories_tenant", "idx_memories_tenant_type",
                  "idx_memories_tenant_importance")),
     "by_user_org": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND deleted_at IS NULL",
-                    ("idx_memories_tenant", "idx_memories_tenant_type",
-                     "idx_memories_tenant_importance")),
+                    ("idx_memories_tenant", "idx_memories_tenant_type", "idx_memories_tenant_importance",
+                     "idx_memories_user")),  # on a small table they tie on cost, the order of creation decides
     "by_user_type": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND memory_type = %(t)s "
                      "AND deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
                      ("idx_memories_tenant_type",)),
