@@ -7,6 +7,7 @@ legacy rows (some with NULLs) already in it.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from pathlib import Path
@@ -203,3 +204,31 @@ def test_recognised_by_shape_after_its_cleanup_migration_and_an_unknown_table_st
         assert schema.status(other).adoptable is None
         with pytest.raises(SchemaError, match="not created by 016"):
             schema.up(other)
+
+
+def test_source_timezone_reads_the_copies_naive_times_in_that_zone(conn: psycopg.Connection, dsn: str,
+                                                                    home: Path) -> None:
+    """Legacy copies whose naive TIMESTAMPs were written in New York are claimed with New York times, so the
+    migration and validation (in that zone too) reconcile them."""
+    zone = "America/New_York"
+    build_first_implementation(conn, "without_streamlit")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["--dsn", dsn, "schema", "up", "--source-timezone", "Mars/Olympus_Mons"])
+    assert bad.exit_code == 2 and "unknown time zone" in bad.output, bad.output
+    plan = runner.invoke(app, ["--dsn", dsn, "--json", "schema", "up", "--dry-run", "--source-timezone", zone])
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.output)["adoption"]["claimed"]["memory_items"] == 15
+    assert schema.status(conn).applied == []
+    up = runner.invoke(app, ["--dsn", dsn, "schema", "up", "--source-timezone", zone])
+    assert up.exit_code == 0 and "016_unified_memory_schema.sql (adopted)" in up.output, up.output
+    with conn.cursor(row_factory=dict_row) as cur:
+        times = cur.execute(
+            "SELECT count(*) FILTER (WHERE m.created_at = s.created_at AT TIME ZONE %(zone)s) AS in_zone, "
+            "count(*) FILTER (WHERE m.created_at = s.created_at AT TIME ZONE 'UTC') AS in_utc, count(*) AS copies "
+            "FROM memories m JOIN memory_items s ON s.id = m.id WHERE m.source_table = 'memory_items'",
+            {"zone": zone}).fetchone()
+    assert times == {"in_zone": 15, "in_utc": 0, "copies": 15}
+    run = migrate(conn, MigrationOptions(source_timezone=zone))
+    assert run.status == "succeeded" and all(acc.duplicates == 0 for acc in run.accounts.values())
+    report = validate(conn)
+    assert report.status == "pass", [(c.name, c.message) for c in report.failed()]

@@ -17,8 +17,9 @@ from unified_memory.validate import validate
 
 # what the first implementation's later cleanup migration did, and some more
 BREAK = (
-    "DROP TRIGGER memories_before_insert ON memories",
-    "DROP TRIGGER memories_before_update ON memories",
+    "DROP TRIGGER set_memory_defaults_trigger ON memories",
+    "DROP TRIGGER update_memories_updated_at ON memories",
+    "DROP INDEX idx_memories_tenant",
     "DROP INDEX idx_memory_access_log_user, idx_memory_access_log_org, idx_memory_relationships_type",
     "DROP INDEX idx_memories_tags, idx_memories_meta",
     "ALTER TABLE memories NO FORCE ROW LEVEL SECURITY",
@@ -28,9 +29,10 @@ BREAK = (
     "date_trunc('day', accessed_at)::date AS access_date, count(DISTINCT memory_id) AS unique_memories_accessed "
     "FROM memory_access_log GROUP BY 1, 2, 3, 4",
 )
-NAMES = {"trigger memories.memories_before_insert", "trigger memories.memories_before_update",
-         "index idx_memory_access_log_user", "index idx_memory_access_log_org", "index idx_memories_tags",
-         "index idx_memories_meta", "index idx_memory_relationships_type", "rls memories", "view memory_audit_summary"}
+NAMES = {"trigger memories.set_memory_defaults_trigger", "trigger memories.update_memories_updated_at",
+         "index idx_memories_tenant", "index idx_memory_access_log_user", "index idx_memory_access_log_org",
+         "index idx_memories_tags", "index idx_memories_meta", "index idx_memory_relationships_type", "rls memories",
+         "view memory_audit_summary"}
 
 
 def _drifted(conn: psycopg.Connection) -> set[str]:
@@ -52,7 +54,10 @@ def test_status_and_validate_name_what_drifted_and_repair_brings_it_back(applied
     assert _drifted(applied) == NAMES
     report = validate(applied)
     failed = {c.name: c for c in report.failed()}
-    assert "schema.drift" in failed and "schema.triggers" in failed
+    assert {"schema.drift", "schema.triggers", "schema.indexes"} <= set(failed)
+    missing = "trigger update_memories_updated_at on memories is missing"
+    assert missing in failed["schema.triggers"].evidence["problems"]
+    assert "index idx_memories_tenant is missing" in failed["schema.indexes"].evidence["problems"]
     assert all(name in " ".join(failed["schema.drift"].evidence["problems"]) for name in NAMES)
     assert schema.up(applied).files == []  # nothing pending: up alone cannot bring them back
 
@@ -81,11 +86,15 @@ def test_repair_is_atomic(unified: psycopg.Connection) -> None:
 
 
 def test_cli_status_and_repair(unified: psycopg.Connection, dsn: str, home: object) -> None:
-    unified.execute("DROP TRIGGER memories_before_update ON memories")
+    unified.execute("DROP TRIGGER update_memories_updated_at ON memories")
+    unified.execute("DROP INDEX idx_memories_tenant")
     runner = CliRunner()
     status = runner.invoke(app, ["--dsn", dsn, "schema", "status"])
     assert status.exit_code == 0
-    assert "DRIFT    trigger memories.memories_before_update of 016 is missing" in status.output
+    assert "DRIFT    trigger memories.update_memories_updated_at of 025 is missing" in status.output
+    assert "DRIFT    index idx_memories_tenant of 025 is missing" in status.output
     repaired = runner.invoke(app, ["--dsn", dsn, "--json", "schema", "repair"])
     assert repaired.exit_code == 0, repaired.output
-    assert json.loads(repaired.output)["files"] == ["trigger memories.memories_before_update (016) is missing"]
+    assert sorted(json.loads(repaired.output)["files"]) == [
+        "index idx_memories_tenant (025) is missing", "trigger memories.update_memories_updated_at (025) is missing"]
+    assert drift.check(unified) == []

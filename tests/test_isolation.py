@@ -168,7 +168,7 @@ def test_maintenance_cannot_rewrite_the_audit_log(dsn: str, unified: psycopg.Con
         for statement in ("UPDATE memory_access_log SET user_id = 'x'", "DELETE FROM memory_access_log",
                           "TRUNCATE memory_access_log",
                           "CREATE TRIGGER t BEFORE INSERT ON memory_access_log FOR EACH ROW "
-                          "EXECUTE FUNCTION memories_before_insert()"):
+                          "EXECUTE FUNCTION set_memory_defaults()"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
         conn.execute("INSERT INTO memory_access_log (user_id, access_type) VALUES ('maintenance', 'read')")

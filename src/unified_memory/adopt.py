@@ -25,13 +25,13 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from . import contract, sqlfile
 from .batchsql import mapped_source
 from .checks import Serialised
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, PRECEDENCE, UI_SOURCES, TableMapping, mapping_for
 from .shapes import detect as detect_shape
 from .shapes import table_columns
@@ -97,9 +97,9 @@ def detect(conn: psycopg.Connection) -> Found | None:
         return None
     if "source_table" in columns["memories"] or any(not _core_columns(t) <= columns[t] for t in TABLES):
         return None
-    checks = [r[0] for r in conn.execute(
-        "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
-        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memories' AND k.contype = 'c'")]
+    checks: list[str] = _column_values(
+        conn, "SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+        "WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'memories' AND k.contype = 'c'")
     ui = [d for d in checks if "ui_source" in d and all(v in d for v in _UI_CORE)]
     rows = {t: int(_count(conn, t)) for t in TABLES}
     # the columns decide; the ui_source CHECK (with or without 'streamlit') names the variant, if it is still there
@@ -110,17 +110,39 @@ def detect(conn: psycopg.Connection) -> Found | None:
 
 def adopted(conn: psycopg.Connection) -> bool:
     """Whether the ledger's 016 is an adoption (``schema down`` then reverts it instead of dropping tables)."""
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", [ADOPTION]).fetchone() == (True,)
+    return _value(conn, "SELECT to_regclass(%s) IS NOT NULL", [ADOPTION]) is True
+
+
+def check_timezone(conn: psycopg.Connection, source_timezone: str) -> None:
+    """Refuse a time zone the server does not know, as ``migrate --source-timezone`` does.
+
+    Raises:
+        ConfigError: the server does not know ``source_timezone``.
+    """
+    try:
+        with conn.transaction():
+            conn.execute("SELECT now() AT TIME ZONE %s", [source_timezone])
+    except psycopg.errors.InvalidParameterValue as exc:
+        raise ConfigError(f"unknown time zone {source_timezone!r}") from exc
+
+
+def _value(conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: list[Any] | None = None) -> Any:
+    """The one value ``query`` returns (None without a row)."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query.encode() if isinstance(query, str) else query, params).fetchone()
+
+
+def _column_values(conn: psycopg.Connection, query: str) -> list[Any]:
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query.encode()).fetchall()
 
 
 def _comment(conn: psycopg.Connection, table: str) -> str:
-    row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [table]).fetchone()
-    return str(row[0]) if row and row[0] else ""
+    return str(_value(conn, "SELECT obj_description(to_regclass(%s), 'pg_class')", [table]) or "")
 
 
 def _count(conn: psycopg.Connection, table: str) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
-    return int(row[0]) if row else 0
+    return int(_value(conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))) or 0)
 
 
 # ------------------------------------------------------------------------------------------- catalog
@@ -180,15 +202,14 @@ def _reference(conn: psycopg.Connection, statements: list[sqlfile.Statement]) ->
     """The catalog of our 016 built in a scratch schema (dropped again): the exact shape to convert to."""
     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(REFERENCE)))
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(REFERENCE)))
-    saved = conn.execute("SELECT current_setting('search_path')").fetchone()
-    assert saved is not None
+    saved = str(_value(conn, "SELECT current_setting('search_path')"))
     conn.execute("SELECT set_config('search_path', %s, true)", [REFERENCE])
     try:
         for statement in statements:
             conn.execute(_ddl(statement.sql))
         shape = catalog(conn)
     finally:
-        conn.execute("SELECT set_config('search_path', %s, true)", [saved[0]])
+        conn.execute("SELECT set_config('search_path', %s, true)", [saved])
     conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(REFERENCE)))
     return shape
 
@@ -225,8 +246,7 @@ def adopt(conn: psycopg.Connection, found: Found, statements: list[sqlfile.State
 
 
 def _scalar_int(conn: psycopg.Connection, query: str) -> int:
-    row = conn.execute(query.encode()).fetchone()
-    return int(row[0]) if row else 0
+    return int(_value(conn, query) or 0)
 
 
 _BOOKKEEPING = (
@@ -353,11 +373,13 @@ def _fill_nulls(conn: psycopg.Connection, found: dict[str, list[dict[str, Any]]]
         if not cols:
             continue
         conds = {c["column"]: _null(c) for c in cols}
-        counted = conn.execute(sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {})").format(cond) for cond in conds.values()),
-            sql.Identifier(table))).fetchone()
+        with conn.cursor(row_factory=dict_row) as cur:
+            counted = cur.execute(sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE {}) AS {}").format(cond, sql.Identifier(name))
+                                   for name, cond in conds.items()),
+                sql.Identifier(table))).fetchone()
         assert counted is not None
-        filled.update({f"{table}.{name}": int(n) for name, n in zip(conds, counted, strict=True) if n})
+        filled.update({f"{table}.{name}": int(n) for name, n in counted.items() if n})
         any_null = sql.SQL(" OR ").join(conds.values())
         _save_images(conn, table, any_null)
         conn.execute(sql.SQL("UPDATE {} SET {} WHERE {}").format(
@@ -430,14 +452,24 @@ def _fix_memories(conn: psycopg.Connection, report: AdoptionReport) -> None:
     """What our insert trigger would have set: decay_lambda by neuro_type, expiry by tier (pinned never)."""
     wrong = sql.SQL("decay_lambda IS NULL OR (decay_tier = 'pinned') <> (expires_at IS NULL)")
     _save_images(conn, "memories", wrong)
-    conn.execute("ALTER TABLE memories DISABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "DISABLE")
     rows = conn.execute(sql.SQL(
         "UPDATE memories SET decay_lambda = coalesce(decay_lambda, default_decay_lambda(neuro_type)), "
         "expires_at = CASE WHEN decay_tier = 'pinned' THEN NULL "
         "ELSE coalesce(expires_at, calculate_expires_at(decay_tier, created_at)) END WHERE {}").format(wrong)).rowcount
-    conn.execute("ALTER TABLE memories ENABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "ENABLE")
     if rows:
         report.filled["memories.decay_lambda/expires_at"] = rows
+
+
+def _update_trigger(conn: psycopg.Connection, action: Literal["DISABLE", "ENABLE"]) -> None:
+    """Our update trigger on memories, found by its function: 016 names it memories_before_update, 025
+    update_memories_updated_at (the first implementation's name)."""
+    name = _value(conn, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'memories'::regclass "
+                        "AND tgfoid = 'memories_before_update()'::regprocedure AND NOT tgisinternal")
+    if name is None:
+        raise ShapeError("memories has no update trigger executing memories_before_update()")
+    conn.execute(sql.SQL("ALTER TABLE memories {} TRIGGER {}").format(sql.SQL(action), sql.Identifier(name)))
 
 
 # ------------------------------------------------------------------------------------------- legacy copies
@@ -450,7 +482,7 @@ def claim(conn: psycopg.Connection, source_timezone: str = "UTC") -> dict[str, i
     again; the copy's previous image is kept for ``schema down``.
     """
     claimed: dict[str, int] = {}
-    conn.execute("ALTER TABLE memories DISABLE TRIGGER memories_before_update")
+    _update_trigger(conn, "DISABLE")
     for table in PRECEDENCE:
         try:
             found = detect_shape(conn, table)
@@ -460,9 +492,10 @@ def claim(conn: psycopg.Connection, source_timezone: str = "UTC") -> dict[str, i
             continue
         m = mapping_for(table, found.shape)
         query = _claim_items(m) if m.expands else _claim_rows(m)
-        row = conn.execute(query, {"tz": source_timezone}).fetchone()
-        claimed[table] = int(row[0]) if row else 0
-    conn.execute("ALTER TABLE memories ENABLE TRIGGER memories_before_update")
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(query, {"tz": source_timezone}).fetchone()
+        claimed[table] = int(row["claimed"]) if row else 0
+    _update_trigger(conn, "ENABLE")
     return claimed
 
 
@@ -503,7 +536,8 @@ upd AS (
     FROM hit WHERE t.id = hit.old_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM img), (SELECT count(*) FROM vec), (SELECT count(*) FROM log)"""
+SELECT (SELECT count(*) FROM upd) AS claimed, (SELECT count(*) FROM img) AS images,
+       (SELECT count(*) FROM vec) AS vectors, (SELECT count(*) FROM log) AS log_rows"""
 
 
 def _claim_rows(m: TableMapping) -> sql.Composed:
@@ -542,7 +576,18 @@ hit AS (
 
 
 # ------------------------------------------------------------------------------------------- undo
-_OURS_TRIGGERS = ("memories_before_insert", "memories_before_update")
+# our triggers under 016's names and (when 025 was not undone first) under the first implementation's
+_OURS_TRIGGERS = ("memories_before_insert", "memories_before_update", "set_memory_defaults_trigger",
+                  "update_memories_updated_at")
+# 016's names of the indexes 025 renames (contract.INDEXES has the names after 025)
+_OURS_016_INDEXES = ("idx_memories_user_org", "idx_memories_created_at", "idx_memories_updated_at",
+                     "idx_memories_expires_at", "idx_memories_deleted_at", "idx_memories_tier_expires",
+                     "idx_memories_importance_created", "idx_memories_embedding_id", "idx_memories_session_created",
+                     "idx_memories_conversation_created", "idx_memories_ui_source_created",
+                     "idx_memories_memory_type_created", "idx_memories_neuro_type_created",
+                     "idx_memories_access_count_last", "idx_memories_user_org_type_created",
+                     "idx_memories_user_org_importance_created", "idx_memory_access_log_type_time",
+                     "idx_memory_access_log_time")
 _OURS_FUNCTIONS = ("memories_before_update()", "memories_before_insert()",
                    "soft_delete_memory(uuid, varchar, varchar, varchar)",
                    "create_memory_relationship(uuid, uuid, varchar, real, jsonb)",
@@ -556,9 +601,9 @@ _OURS_POLICIES = (("memories_tenant_isolation", "memories"),
 
 def revert(conn: psycopg.Connection) -> RevertReport:
     """Undo the adoption in the caller's transaction: the shape found comes back, with every row."""
-    row = conn.execute(sql.SQL("SELECT found_shape FROM {}").format(sql.Identifier(ADOPTION))).fetchone()
-    assert row is not None
-    found: dict[str, list[dict[str, Any]]] = row[0]
+    found: dict[str, list[dict[str, Any]]] = _value(conn, sql.SQL("SELECT found_shape FROM {}").format(
+        sql.Identifier(ADOPTION)))
+    assert found is not None
     report = RevertReport()
     for table in TABLES:
         conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table)))
@@ -589,7 +634,7 @@ def _drop_ours(conn: psycopg.Connection) -> None:
         conn.execute(sql.SQL("DROP POLICY IF EXISTS {} ON {}").format(sql.Identifier(policy), sql.Identifier(table)))
         conn.execute(sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY").format(
             sql.Identifier(table)))
-    for index in contract.INDEXES:
+    for index in (*contract.INDEXES, *_OURS_016_INDEXES):
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(index)))
 
 

@@ -187,11 +187,14 @@ def schema_up(ctx: typer.Context,
                   show_default=False)] = None,
               dry_run: Annotated[bool, typer.Option(help="Show what would change (an adoption is run and rolled "
                                                          "back); change nothing.")] = False,
+              source_timezone: Annotated[str, typer.Option(
+                  help="Time zone of naive legacy TIMESTAMPs, for an adoption's copies of legacy rows (as migrate's)."
+              )] = "UTC",
               json_flag: JsonOpt = False) -> None:
     """Apply every pending schema file, each in one transaction (adopting a first-implementation 016)."""
     wait = options(ctx).lock_wait if lock_wait is None else lock_wait
-    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=wait, dry_run=dry_run),
-        report.schema_result, json_flag)
+    run(ctx, lambda conn: schema.up(conn, target=target, lock_wait=wait, dry_run=dry_run,
+                                    source_timezone=source_timezone), report.schema_result, json_flag)
 
 
 @schema_app.command("down")

@@ -98,16 +98,15 @@ CONSTRAINTS: dict[str, str] = {
     "memory_relationships_confidence_range": "memory_relationships",
 }
 
-INDEXES: tuple[str, ...] = (
-    "idx_memories_user_org", "idx_memories_user", "idx_memories_org", "idx_memories_created_at",
-    "idx_memories_updated_at", "idx_memories_expires_at", "idx_memories_deleted_at", "idx_memories_tier_expires",
-    "idx_memories_importance_created", "idx_memories_importance_decay", "idx_memories_tags", "idx_memories_meta",
-    "idx_memories_embedding_id", "idx_memories_session_created", "idx_memories_conversation_created",
-    "idx_memories_ui_source_created", "idx_memories_memory_type_created", "idx_memories_neuro_type_created",
-    "idx_memories_access_count_last", "idx_memories_last_accessed", "idx_memories_user_org_type_created",
-    "idx_memories_user_org_importance_created", "idx_memories_decay_cleanup",
+INDEXES: tuple[str, ...] = (  # the first implementation's names (025 gave them to ours)
+    "idx_memories_tenant", "idx_memories_user", "idx_memories_org", "idx_memories_created", "idx_memories_updated",
+    "idx_memories_expires", "idx_memories_deleted", "idx_memories_decay_tier", "idx_memories_importance",
+    "idx_memories_importance_decay", "idx_memories_tags", "idx_memories_meta", "idx_memories_embedding",
+    "idx_memories_session", "idx_memories_conversation", "idx_memories_ui_source", "idx_memories_memory_type",
+    "idx_memories_neuro_type", "idx_memories_access_count", "idx_memories_last_accessed", "idx_memories_tenant_type",
+    "idx_memories_tenant_importance", "idx_memories_decay_cleanup",
     "idx_memory_access_log_memory", "idx_memory_access_log_user", "idx_memory_access_log_org",
-    "idx_memory_access_log_correlation", "idx_memory_access_log_type_time", "idx_memory_access_log_time",
+    "idx_memory_access_log_correlation", "idx_memory_access_log_type", "idx_memory_access_log_accessed",
     "idx_memory_relationships_source", "idx_memory_relationships_derived", "idx_memory_relationships_type",
     "idx_memory_relationships_created",
 )
@@ -118,7 +117,7 @@ FUNCTIONS: dict[str, int] = {
     "create_memory_relationship": 5, "soft_delete_memory": 4, "default_decay_lambda": 1,
 }
 NOT_IMMUTABLE = ("calculate_decay_score", "calculate_expires_at")
-TRIGGERS: dict[str, str] = {"memories_before_insert": "memories", "memories_before_update": "memories"}
+TRIGGERS: dict[str, str] = {"set_memory_defaults_trigger": "memories", "update_memories_updated_at": "memories"}
 VIEWS: dict[str, tuple[str, ...]] = {  # view -> tables it must read
     "active_memories_with_decay": ("memories",),
     "memory_relationship_details": ("memories", "memory_relationships"),

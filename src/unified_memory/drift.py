@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from .checks import Serialised
@@ -85,6 +85,18 @@ WHERE p.pronamespace = current_schema()::regnamespace AND p.prokind = 'f'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
 """
 
+# an index a bulk load dropped (memory_migration_deferred_indexes) is what its recorded definition says: a file
+# applied meanwhile (025 renames them) records it, and the rebuilt index matches it
+_DEFERRED = """
+SELECT 'index' AS kind, d.index_name AS name, md5(d.definition) || ',true' AS fingerprint, d.definition AS ddl,
+       jsonb_build_object('table', 'memories', 'name', d.index_name) AS info,
+       coalesce(obj_description(to_regclass('memories'), 'pg_class'), '') AS comment
+FROM memory_migration_deferred_indexes d
+WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = current_schema()::regnamespace
+                  AND c.relname = d.index_name)
+"""
+DEFERRED_TABLE = "memory_migration_deferred_indexes"
+
 
 @dataclass(frozen=True)
 class Obj:
@@ -113,9 +125,12 @@ class Drift(Serialised):
 
 
 def snapshot(conn: psycopg.Connection) -> Snapshot:
-    """Every object of the current schema that a file can create, with its fingerprint."""
+    """Every object of the current schema that a file can create, with its fingerprint (the indexes a bulk load
+    deferred as their recorded definitions)."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(_SNAPSHOT.encode()).fetchall()
+        if relation_exists(conn, DEFERRED_TABLE):
+            rows += cur.execute(_DEFERRED.encode()).fetchall()
     return {(r["kind"], r["name"]): Obj(r["fingerprint"], r["ddl"], r["info"], r["comment"]) for r in rows}
 
 
@@ -132,9 +147,9 @@ def record(conn: psycopg.Connection, version: str, before: Snapshot | None, afte
     else:
         rows = {k: o for k, o in after.items() if k not in before or before[k].fingerprint != o.fingerprint}
         removed = [k for k in before if k not in after]
-    objects: dict[str, Any] = {f"{k[0]}\t{k[1]}": {"fingerprint": o.fingerprint, "ddl": o.ddl, "info": o.info}
-                               for k, o in rows.items()}
-    objects.update({f"{k[0]}\t{k[1]}": None for k in removed})
+    objects: dict[str, Any] = {f"{kind}\t{name}": {"fingerprint": o.fingerprint, "ddl": o.ddl, "info": o.info}
+                               for (kind, name), o in rows.items()}
+    objects.update({f"{kind}\t{name}": None for kind, name in removed})
     conn.execute(_COLUMNS)
     conn.execute(sql.SQL("UPDATE {} SET objects = %s WHERE version = %s").format(sql.Identifier(LEDGER)),
                  [Jsonb(objects), version])
@@ -147,8 +162,10 @@ def _recorded(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]:
             "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'objects' "
             "AND NOT attisdropped", [LEDGER]).fetchone() is None:
         return []
-    return [(r[0], r[1]) for r in conn.execute(sql.SQL(
-        "SELECT version, objects FROM {} WHERE objects IS NOT NULL ORDER BY version").format(sql.Identifier(LEDGER)))]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [(r["version"], r["objects"]) for r in cur.execute(sql.SQL(
+            "SELECT version, objects FROM {} WHERE objects IS NOT NULL ORDER BY version").format(
+            sql.Identifier(LEDGER)))]
 
 
 def _expected(conn: psycopg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
@@ -172,8 +189,7 @@ def check(conn: psycopg.Connection) -> list[Drift]:
     if not expected:
         return []
     live = snapshot(conn)
-    deferred = {r[0] for r in conn.execute("SELECT index_name FROM memory_migration_deferred_indexes")} \
-        if relation_exists(conn, "memory_migration_deferred_indexes") else set()
+    deferred = _deferred_names(conn)
     found = []
     for (kind, name), want in sorted(expected.items()):
         have = live.get((kind, name))
@@ -184,6 +200,13 @@ def check(conn: psycopg.Connection) -> list[Drift]:
         elif have.fingerprint != want["fingerprint"]:
             found.append(Drift(kind, name, want["version"], "altered"))
     return found
+
+
+def _deferred_names(conn: psycopg.Connection) -> set[str]:
+    if not relation_exists(conn, DEFERRED_TABLE):
+        return set()
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return set(cur.execute(sql.SQL("SELECT index_name FROM {}").format(sql.Identifier(DEFERRED_TABLE))))
 
 
 # ------------------------------------------------------------------------------------------- repair
@@ -221,19 +244,21 @@ def _column(conn: psycopg.Connection, want: dict[str, Any], problem: Problem) ->
     info = want["info"]
     table, column = sql.Identifier(info["table"]), sql.Identifier(info["column"])
     typ, default = sql.SQL(info["type"]), info["default"]
-    now = conn.execute(
-        "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid) "
-        "FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-        "WHERE a.attrelid = to_regclass(quote_ident(%s)) AND a.attname = %s AND NOT a.attisdropped",
-        [info["table"], info["column"]]).fetchone()
+    with conn.cursor(row_factory=dict_row) as cur:
+        now = cur.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS notnull, "
+            "pg_get_expr(d.adbin, d.adrelid) AS default "
+            "FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+            "WHERE a.attrelid = to_regclass(quote_ident(%s)) AND a.attname = %s AND NOT a.attisdropped",
+            [info["table"], info["column"]]).fetchone()
     if now is None:
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(table, column, typ))
-    elif now[0] != info["type"]:
+    elif now["type"] != info["type"]:
         conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {c} TYPE {t} USING {c}::{t}").format(table, c=column, t=typ))
-    if now is None or now[2] != default:
+    if now is None or now["default"] != default:
         conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(table, column, sql.SQL(default))
                      if default else sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(table, column))
-    if now is None or now[1] != info["notnull"]:
+    if now is None or now["notnull"] != info["notnull"]:
         conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} {} NOT NULL").format(
             table, column, sql.SQL("SET" if info["notnull"] else "DROP")))
 

@@ -130,16 +130,19 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
        source_timezone: str = "UTC", adopt_first: bool = True) -> SchemaResult:
     """Apply every pending file (up to ``target``), each in its own transaction.
 
-    A first-implementation 016 found here is adopted instead (with 017, in one transaction; see ``adopt``).
-    ``dry_run`` changes nothing: the adoption runs in a transaction that is rolled back, and its report says
-    what it would change; the other pending files are listed.
+    A first-implementation 016 found here is adopted instead (with 017, in one transaction; see ``adopt``); its
+    copies of legacy rows are read with naive TIMESTAMPs in ``source_timezone``. ``dry_run`` changes nothing:
+    the adoption runs in a transaction that is rolled back, and its report says what it would change; the other
+    pending files are listed.
 
     Raises:
+        ConfigError: the server does not know ``source_timezone``.
         SchemaError: an applied file was edited, or a file failed (naming file and line).
         LockBusy: another run holds the lock, or a table stayed locked through every retry.
     """
     started = time.monotonic()
     result = SchemaResult("up", dry_run=dry_run)
+    adopt.check_timezone(conn, source_timezone)
     with locks.hold(conn, "schema up", lock_wait):
         current = status(conn, directory=directory)
         if current.edited:

@@ -423,19 +423,19 @@ def _forged_write(conn: psycopg.Connection) -> list[str]:
 # ------------------------------------------------------------------------------------------- indexes
 CANONICAL_QUERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "by_user": ("SELECT id FROM memories WHERE user_id = %(u)s AND deleted_at IS NULL",
-                ("idx_memories_user", "idx_memories_user_org", "idx_memories_user_org_type_created",
-                 "idx_memories_user_org_importance_created")),
+                ("idx_memories_user", "idx_memories_tenant", "idx_memories_tenant_type",
+                 "idx_memories_tenant_importance")),
     "by_user_org": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND deleted_at IS NULL",
-                    ("idx_memories_user_org", "idx_memories_user_org_type_created",
-                     "idx_memories_user_org_importance_created")),
+                    ("idx_memories_tenant", "idx_memories_tenant_type", "idx_memories_tenant_importance",
+                     "idx_memories_user")),  # on a small table they tie on cost, the order of creation decides
     "by_user_type": ("SELECT id FROM memories WHERE user_id = %(u)s AND org_id = %(o)s AND memory_type = %(t)s "
                      "AND deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
-                     ("idx_memories_user_org_type_created",)),
+                     ("idx_memories_tenant_type",)),
     "recent": ("SELECT id FROM memories WHERE deleted_at IS NULL ORDER BY created_at DESC LIMIT 20",
-               ("idx_memories_created_at",)),
+               ("idx_memories_created",)),
     "expiring": ("SELECT id FROM memories WHERE deleted_at IS NULL AND decay_tier = 'short' "
                  "AND expires_at < now() + interval '1 day'",
-                 ("idx_memories_tier_expires", "idx_memories_decay_cleanup", "idx_memories_expires_at")),
+                 ("idx_memories_decay_tier", "idx_memories_decay_cleanup", "idx_memories_expires")),
 }
 
 
