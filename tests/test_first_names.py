@@ -147,8 +147,8 @@ def test_writes_on_an_adopted_database(conn: psycopg.Connection, dsn: str,
 
 
 def test_down_past_025_restores_our_names_and_up_gives_theirs_again(unified: psycopg.Connection) -> None:
-    down = schema.down(unified, steps=1)
-    assert down.files == ["025_first_implementation_names.down.sql"]
+    down = schema.down(unified, steps=2)  # 026, then 025
+    assert down.files == ["026_inline_legacy_ids.down.sql", "025_first_implementation_names.down.sql"]
     names = index_names(unified)
     assert names >= OUR_016_NAMES and not names & (THEIR_INDEXES - {
         "idx_memories_user", "idx_memories_org", "idx_memories_importance_decay", "idx_memories_tags",
@@ -160,7 +160,7 @@ def test_down_past_025_restores_our_names_and_up_gives_theirs_again(unified: psy
                                  ("memories", "memories_before_update", "memories_before_update")}
     assert not function_exists(unified, "set_memory_defaults()")
     assert drift.check(unified) == []
-    assert schema.up(unified).files == ["025_first_implementation_names.sql"]
+    assert schema.up(unified).files == ["025_first_implementation_names.sql", "026_inline_legacy_ids.sql"]
     assert index_names(unified) >= THEIR_INDEXES and drift.check(unified) == []
     schema.down(unified, steps=20, force=True)  # every down file, in reverse order, with 025's names
     assert index_names(unified) == set() and not function_exists(unified, "memories_before_insert()")
@@ -193,3 +193,21 @@ def test_025_applied_while_a_load_has_deferred_the_indexes(conn: psycopg.Connect
     assert rebuild_deferred_indexes(conn) == len(deferred)
     assert index_names(conn) >= THEIR_INDEXES and not index_names(conn) & OUR_016_NAMES
     assert duplicate_indexes(conn) == [] and drift.check(conn) == []
+
+
+def test_025_applied_with_psql_is_recorded_without_drift_and_repaired_under_its_names(
+        conn: psycopg.Connection) -> None:
+    schema.up(conn, target="024")
+    file = next(mf for mf in schema.discover() if mf.version == "025")
+    conn.execute(file.path.read_text(encoding="utf-8"))  # as `psql -f` would: outside the runner
+    assert "025_first_implementation_names.sql (recorded: applied outside the runner)" in schema.up(conn).files
+    assert drift.check(conn) == []  # the renamed objects are 025's; 016's names it replaced are not expected
+    conn.execute("DROP INDEX idx_memories_tenant")
+    conn.execute("DROP TRIGGER update_memories_updated_at ON memories")
+    assert {(d.kind, d.name, d.version) for d in drift.check(conn)} == {
+        ("index", "idx_memories_tenant", "025"), ("trigger", "memories.update_memories_updated_at", "025")}
+    with conn.transaction():
+        drift.repair(conn)
+    assert index_names(conn) >= THEIR_INDEXES and triggers(conn) >= THEIR_TRIGGERS
+    assert duplicate_indexes(conn) == [] and drift.check(conn) == []
+    assert not {"idx_memories_user_org", "idx_memories_created_at"} & index_names(conn)

@@ -11,6 +11,7 @@ COMMENT every one of our files gives its objects.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,12 +61,14 @@ FROM rel r JOIN pg_constraint k ON k.conrelid = r.oid
 UNION ALL
 SELECT 'index', i.relname, md5(pg_get_indexdef(x.indexrelid)) || ',' || x.indisvalid::text,
        pg_get_indexdef(x.indexrelid),
-       jsonb_build_object('table', r.relname, 'name', i.relname), r.comment
+       jsonb_build_object('table', r.relname, 'name', i.relname),
+       coalesce(nullif(obj_description(i.oid, 'pg_class'), ''), r.comment)
 FROM rel r JOIN pg_index x ON x.indrelid = r.oid JOIN pg_class i ON i.oid = x.indexrelid
 WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid AND k.contype IN ('p', 'u', 'x'))
 UNION ALL
 SELECT 'trigger', r.relname || '.' || t.tgname, md5(pg_get_triggerdef(t.oid)) || ',' || t.tgenabled::text,
-       pg_get_triggerdef(t.oid), jsonb_build_object('table', r.relname, 'name', t.tgname), r.comment
+       pg_get_triggerdef(t.oid), jsonb_build_object('table', r.relname, 'name', t.tgname),
+       coalesce(nullif(obj_description(t.oid, 'pg_trigger'), ''), r.comment)
 FROM rel r JOIN pg_trigger t ON t.tgrelid = r.oid WHERE NOT t.tgisinternal
 UNION ALL
 SELECT 'view', relname, md5(pg_get_viewdef(oid) || coalesce(reloptions::text, '')), pg_get_viewdef(oid),
@@ -134,16 +137,18 @@ def snapshot(conn: psycopg.Connection) -> Snapshot:
     return {(r["kind"], r["name"]): Obj(r["fingerprint"], r["ddl"], r["info"], r["comment"]) for r in rows}
 
 
-def record(conn: psycopg.Connection, version: str, before: Snapshot | None, after: Snapshot) -> int:
+def record(conn: psycopg.Connection, version: str, before: Snapshot | None, after: Snapshot, *,
+           file_text: str = "") -> int:
     """Record in the file's ledger row what file ``version`` created or changed.
 
     ``before`` None: the file's objects are known by their comment (a file applied outside the runner, or 016
-    adopted). The ledger row must exist.
+    adopted), and an object an earlier file recorded that is gone now counts as removed by this one when
+    ``file_text`` names it (a rename: 025). The ledger row must exist.
     """
     if before is None:
         prefix = f"unified-memory {version}"
         rows = {k: o for k, o in after.items() if o.comment.startswith(prefix)}
-        removed: list[tuple[str, str]] = []
+        removed = [k for k in _expected(conn) if k not in after and _names(file_text, k[1])]
     else:
         rows = {k: o for k, o in after.items() if k not in before or before[k].fingerprint != o.fingerprint}
         removed = [k for k in before if k not in after]
@@ -154,6 +159,12 @@ def record(conn: psycopg.Connection, version: str, before: Snapshot | None, afte
     conn.execute(sql.SQL("UPDATE {} SET objects = %s WHERE version = %s").format(sql.Identifier(LEDGER)),
                  [Jsonb(objects), version])
     return len(rows)
+
+
+def _names(text: str, name: str) -> bool:
+    """Whether SQL ``text`` names the object keyed ``name`` (``table.trigger``, ``function(args)``, ``index``)."""
+    bare = name.split("(", 1)[0].rsplit(".", 1)[-1]
+    return bool(bare) and re.search(rf"(?<![\w$]){re.escape(bare)}(?![\w$])", text) is not None
 
 
 def _recorded(conn: psycopg.Connection) -> list[tuple[str, dict[str, Any]]]:

@@ -167,7 +167,8 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
                 if not dry_run:
                     with conn.transaction():
                         _record(conn, mf, time.monotonic())
-                        drift.record(conn, mf.version, None, drift.snapshot(conn))
+                        drift.record(conn, mf.version, None, drift.snapshot(conn),
+                                     file_text=mf.path.read_text(encoding="utf-8"))
                 result.files.append(mf.path.name + " (recorded: applied outside the runner)")
                 continue
             if not dry_run:

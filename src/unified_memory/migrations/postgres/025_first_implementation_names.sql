@@ -14,6 +14,9 @@
 -- our object exists under our name and nothing holds its name yet (a same-named object someone created is
 -- left alone: nothing is dropped). A bulk load that deferred the indexes of an empty memories
 -- (memory_migration_deferred_indexes) rebuilds them under the new names. The down file renames back.
+-- Every renamed object carries a 'unified-memory 025' comment, so a 025 applied with psql is recognised and
+-- recorded by `schema up`. 016's own guards look for 016's names: after 025, run 016 only through the runner
+-- (which never re-runs an applied file), not again with psql.
 
 BEGIN;
 
@@ -71,11 +74,15 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'memories'::regclass
                        AND tgname = 'set_memory_defaults_trigger') THEN
         ALTER TRIGGER memories_before_insert ON memories RENAME TO set_memory_defaults_trigger;
+        COMMENT ON TRIGGER set_memory_defaults_trigger ON memories
+            IS 'unified-memory 025: the first implementation''s name (was memories_before_insert)';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'memories'::regclass AND tgname = 'memories_before_update')
        AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'memories'::regclass
                        AND tgname = 'update_memories_updated_at') THEN
         ALTER TRIGGER memories_before_update ON memories RENAME TO update_memories_updated_at;
+        COMMENT ON TRIGGER update_memories_updated_at ON memories
+            IS 'unified-memory 025: the first implementation''s name (was memories_before_update)';
     END IF;
 END
 $$;
