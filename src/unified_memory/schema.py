@@ -163,12 +163,8 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
             files = []
         for mf in files:
             if mf.path.name in current.unrecorded:
-                # applied with psql (atomic: its objects exist, so all of it committed): recorded, not re-run
                 if not dry_run:
-                    with conn.transaction():
-                        _record(conn, mf, time.monotonic())
-                        drift.record(conn, mf.version, None, drift.snapshot(conn),
-                                     file_text=mf.path.read_text(encoding="utf-8"))
+                    _record_outside(conn, mf)
                 result.files.append(mf.path.name + " (recorded: applied outside the runner)")
                 continue
             if not dry_run:
@@ -176,6 +172,13 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
             result.files.append(mf.path.name)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _record_outside(conn: psycopg.Connection, mf: MigrationFile) -> None:
+    """A file applied with psql (atomic: its objects exist, so all of it committed): recorded, not re-run."""
+    with conn.transaction():
+        _record(conn, mf, time.monotonic())
+        drift.record(conn, mf.version, None, drift.snapshot(conn), file_text=mf.path.read_text(encoding="utf-8"))
 
 
 def _adopt(conn: psycopg.Connection, by_version: dict[str, MigrationFile], found: adopt.Found,
