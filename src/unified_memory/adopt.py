@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 from . import contract, sqlfile
 from .batchsql import mapped_source
 from .checks import Serialised
-from .errors import ConfigError, ShapeError
+from .errors import ShapeError
 from .mapping import MEMORY_TYPES, NEURO_TYPES, PRECEDENCE, UI_SOURCES, TableMapping, mapping_for
 from .shapes import detect as detect_shape
 from .shapes import table_columns
@@ -111,19 +111,6 @@ def detect(conn: psycopg.Connection) -> Found | None:
 def adopted(conn: psycopg.Connection) -> bool:
     """Whether the ledger's 016 is an adoption (``schema down`` then reverts it instead of dropping tables)."""
     return _value(conn, "SELECT to_regclass(%s) IS NOT NULL", [ADOPTION]) is True
-
-
-def check_timezone(conn: psycopg.Connection, source_timezone: str) -> None:
-    """Refuse a time zone the server does not know, as ``migrate --source-timezone`` does.
-
-    Raises:
-        ConfigError: the server does not know ``source_timezone``.
-    """
-    try:
-        with conn.transaction():
-            conn.execute("SELECT now() AT TIME ZONE %s", [source_timezone])
-    except psycopg.errors.InvalidParameterValue as exc:
-        raise ConfigError(f"unknown time zone {source_timezone!r}") from exc
 
 
 def _value(conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: list[Any] | None = None) -> Any:

@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.abc import Params
 from psycopg.rows import dict_row, scalar_row
 
-from .errors import DatabaseUnavailable, UnifiedMemoryError
+from .errors import ConfigError, DatabaseUnavailable, UnifiedMemoryError
 from .settings import check_dsn, private_dir, redact
 
 EMBEDDED_DATABASE = "unified_memory"
@@ -284,3 +284,16 @@ def on_database(target: Target, name: str) -> Target:
     params["dbname"] = name
     dsn = psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
     return Target(dsn, redact(dsn) if not target.embedded else f"{name} on {target.description}", target.embedded)
+
+
+def check_timezone(conn: psycopg.Connection, source_timezone: str) -> None:
+    """Refuse a time zone the server does not know (``--source-timezone`` of migrate and schema up).
+
+    Raises:
+        ConfigError: the server does not know ``source_timezone``.
+    """
+    try:
+        with conn.transaction():
+            conn.execute("SELECT now() AT TIME ZONE %s", [source_timezone])
+    except psycopg.errors.InvalidParameterValue as exc:
+        raise ConfigError(f"unknown time zone {source_timezone!r}") from exc

@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 from . import batchsql, live, locks, privileges, ranges
 from .accounting import TableAccount, account
 from .checks import SECONDS, RunStatus, Serialised, as_dict, json_field
-from .db import analyze, custom_plans, maintenance, relation_exists, scalar
+from .db import analyze, check_timezone, custom_plans, maintenance, relation_exists, scalar
 from .errors import ConfigError, MigrationError, SchemaError, describe, translate
 from .mapping import PRECEDENCE, TableMapping, mapping_for
 from .parallel import MAX_JOBS, WORK_MEM, Phases, Workers, default_jobs, server_cores
@@ -443,7 +443,4 @@ def _check_options(conn: psycopg.Connection, opts: MigrationOptions) -> None:
         raise ConfigError(f"unknown tables {sorted(unknown)}; known: {', '.join(PRECEDENCE)}")
     if not relation_exists(conn, "memory_migration_checkpoints"):
         raise SchemaError("the unified schema is not applied: run `unified-memory schema up` first")
-    try:
-        conn.execute("SELECT now() AT TIME ZONE %s", [opts.source_timezone])
-    except psycopg.errors.InvalidParameterValue as exc:
-        raise ConfigError(f"unknown time zone {opts.source_timezone!r}") from exc
+    check_timezone(conn, opts.source_timezone)

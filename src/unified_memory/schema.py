@@ -24,7 +24,7 @@ from psycopg import sql
 
 from . import adopt, drift, locks, sqlfile
 from .checks import SECONDS, Serialised, json_field
-from .db import all_rows, one_row, relation_exists, scalar
+from .db import all_rows, check_timezone, one_row, relation_exists, scalar
 from .errors import SchemaError, flag
 
 _BACKOFF = locks.Backoff(first=0.25, most=8.0)  # DDL: the application's locks may be held for a while
@@ -142,7 +142,7 @@ def up(conn: psycopg.Connection, *, directory: Path | None = None, target: str |
     """
     started = time.monotonic()
     result = SchemaResult("up", dry_run=dry_run)
-    adopt.check_timezone(conn, source_timezone)
+    check_timezone(conn, source_timezone)
     with locks.hold(conn, "schema up", lock_wait):
         current = status(conn, directory=directory)
         if current.edited:
