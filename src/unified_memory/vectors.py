@@ -36,11 +36,11 @@ from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.pq import Format
-from psycopg.rows import class_row, dict_row, scalar_row
+from psycopg.rows import class_row, dict_row
 
 from . import privileges
 from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, json_field
-from .db import custom_plans, maintenance, relation_exists, scalar
+from .db import custom_plans, first_column, maintenance, relation_exists, scalar
 from .embedders import Embedder
 from .errors import LockBusy, VectorStoreError
 from .health import vector_lag
@@ -178,8 +178,7 @@ def _rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any])
 
 def _ids(conn: psycopg.Connection, query: str | sql.Composed, params: Sequence[Any] | dict[str, Any]) -> list[str]:
     """The single text column (memory ids) of ``query``'s rows."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return [str(i) for i in cur.execute(query, params)]
+    return [str(i) for i in first_column(conn, query, params)]
 
 
 @dataclass(frozen=True)
