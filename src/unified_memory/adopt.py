@@ -529,13 +529,13 @@ SELECT (SELECT count(*) FROM upd) AS claimed, (SELECT count(*) FROM img) AS imag
 
 def _claim_rows(m: TableMapping) -> sql.Composed:
     return sql.SQL("""WITH mapped AS (
-    SELECT {key} AS source_key, {reason} AS reason, {embedding} AS embedding, {exprs} FROM {table} s
+    SELECT {key} AS source_key, {reason} AS reason, {embedding} AS embedding, {exprs} FROM {table} s{lets}
 ),
 hit AS (
     SELECT mp.*, t.id AS old_id FROM mapped mp JOIN memories t ON t.id = mp.id AND t.text = mp.text
     WHERE mp.reason IS NULL AND t.source_table IS NULL
       AND NOT EXISTS (SELECT 1 FROM memories y WHERE y.source_table = {t} AND y.source_key = mp.source_key)
-)""").format(table=sql.Identifier(m.table), **_claim_parts(m)) + _claim_tail(m)
+)""").format(table=sql.Identifier(m.table), lets=sql.SQL(m.lets_join()), **_claim_parts(m)) + _claim_tail(m)
 
 
 def _claim_items(m: TableMapping) -> sql.Composed:

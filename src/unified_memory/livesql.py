@@ -36,10 +36,10 @@ def current(m: TableMapping) -> sql.Composed:
     """CTE ``cur``: the mapped current rows of the keys ``%(keys)s`` (keyed tables)."""
     return sql.SQL(
         "cur AS (SELECT {key} AS source_key, {reason} AS reason, s AS raw_row, {embedding} AS embedding, "
-        "{created} AS created_raw, {exprs} FROM {table} s WHERE {order} = ANY(%(keys)s::{type}[]))"
+        "{created} AS created_raw, {exprs} FROM {table} s{lets} WHERE {order} = ANY(%(keys)s::{type}[]))"
     ).format(key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), embedding=sql.SQL(m.embedding or "NULL::real[]"),
              created=sql.SQL(m.columns["created_at"].expr), exprs=_exprs(m), table=sql.Identifier(m.table),
-             order=sql.SQL(m.order), type=_TYPES[m.order_type])
+             order=sql.SQL(m.order), type=_TYPES[m.order_type], lets=sql.SQL(m.lets_join()))
 
 
 def lock_memories() -> sql.SQL:
@@ -226,7 +226,7 @@ def long_term_insert(m: TableMapping) -> sql.Composed:
         sql.SQL("CASE WHEN EXISTS (SELECT 1 FROM memories x WHERE x.id = mp.id) THEN {} ELSE mp.id END").format(
             retired_id) if n == "id" else sql.SQL("mp.{}").format(sql.Identifier(n)) for n in names)
     return sql.SQL("""{rows_in}
-mp AS (SELECT {key} AS source_key, s.cid, s AS raw_row, {reason} AS reason, {exprs} FROM s),
+mp AS (SELECT {key} AS source_key, s.cid, s AS raw_row, {reason} AS reason, {exprs} FROM s{lets}),
 ins AS (INSERT INTO memories ({targets}, expires_at, source_table, source_key, migrated_at)
         SELECT {picked}, {expires}, {t}, mp.source_key, now() FROM mp
         WHERE mp.reason IS NULL AND NOT EXISTS (SELECT 1 FROM memories x
@@ -239,4 +239,4 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT count(*) FROM rq) + (SELECT count(*) FROM iq) AS quarantined""").format(
         rows_in=_rows_in(m), key=sql.SQL(m.key), reason=sql.SQL(m.reason_sql()), exprs=_exprs(m),
         targets=sql.SQL(", ").join(map(sql.Identifier, names)), picked=picked, t=sql.Literal(m.table),
-        expires=expires_at(sql.SQL("mp")))
+        expires=expires_at(sql.SQL("mp")), lets=sql.SQL(m.lets_join()))

@@ -142,6 +142,8 @@ class TableMapping:
     quarantine: tuple[tuple[str, str], ...] = ()  # (reason, SQL condition), first match wins
     size: str = "0"  # SQL: stored bytes of the row's big values, to bound a batch
     embedding: str | None = None  # SQL: a vector as real[], kept for the vectors step
+    # name -> SQL over ``s``: a value several expressions share, computed once per row and read as ``lets.name``
+    lets: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -166,6 +168,14 @@ class TableMapping:
     def targets(self) -> list[str]:
         return list(self.columns)
 
+    def lets_join(self) -> str:
+        """SQL to follow the source in a FROM clause: the ``lets``, evaluated once per row (``OFFSET 0`` keeps
+        the planner from copying them back into every expression that reads them)."""
+        if not self.lets:
+            return ""
+        values = ", ".join(f"{expr} AS {name}" for name, expr in self.lets.items())
+        return f" CROSS JOIN LATERAL (SELECT {values} OFFSET 0) lets"
+
     def column_sql(self) -> list[tuple[str, str]]:
         """(target, SQL) for every mapped column, meta included."""
         return [(name, col.sql()) for name, col in self.columns.items()] + [("meta", self.meta_sql())]
@@ -179,17 +189,23 @@ class TableMapping:
         if "created_at" in self.columns:
             parts.append(("created_at_missing", f"CASE WHEN ({self.columns['created_at'].expr}) IS NULL THEN true END"))
         parts.append(("meta_legacy", f"({self.meta}) -> 'legacy'"))
-        pieces = " || ".join(f"CASE WHEN ({v}) IS NOT NULL THEN jsonb_build_object({_lit(k)}, {v}) "
-                             f"ELSE '{{}}'::jsonb END" for k, v in parts)
-        legacy = f"({pieces})"
-        return (f"(({obj}) - 'legacy' || CASE WHEN {legacy} = '{{}}'::jsonb THEN '{{}}'::jsonb "
-                f"ELSE jsonb_build_object('legacy', {legacy}) END)")
+        legacy = " || ".join(_entry(k, v) for k, v in parts)
+        return f"(({obj}) - 'legacy' || {_entry('legacy', f'nullif({legacy}, {_EMPTY})')})"
 
     def reason_sql(self) -> str:
         """SQL: the quarantine reason of a row (NULL when it can migrate)."""
         if not self.quarantine:
             return "NULL::text"
         return "CASE " + " ".join(f"WHEN {cond} THEN {_lit(reason)}" for reason, cond in self.quarantine) + " END"
+
+
+_EMPTY = "'{}'::jsonb"
+
+
+def _entry(key: str, value: str) -> str:
+    """SQL: ``{key: value}``, or ``{}`` when ``value`` is SQL NULL (a JSON null is kept); ``value`` is
+    evaluated once (``jsonb_set`` is strict)."""
+    return f"coalesce(jsonb_set({_EMPTY}, ARRAY[{_lit(key)}], to_jsonb({value})), {_EMPTY})"
 
 
 def _lit(value: str) -> str:
@@ -342,7 +358,7 @@ def _web_ui(table: str, shape: str) -> TableMapping:
 # long_term_memory: the source rows ``s`` are the items of a row's memory_json (``ItemSource``).
 _ITEMS = ItemSource()
 _LT_TEXT = "CASE jsonb_typeof(s.item) WHEN 'string' THEN s.item #>> '{}' ELSE s.item ->> 'content' END"
-_LT_TIME = "memory_migration_parse_time(s.item ->> 'created_at', %(tz)s)"
+_LT_TIME = "lets.item_time"  # parsed once per item: a PL/pgSQL call with an exception block before 16
 _LT_IMPORTANCE = ("CASE WHEN jsonb_typeof({x}) = 'number' "
                   "THEN least(greatest(round(({x})::text::numeric), 1), 10)::int ELSE 6 END")
 _LONG_TERM = TableMapping(
@@ -372,6 +388,7 @@ _LONG_TERM = TableMapping(
         ("empty_text", _BLANK.format(_LT_TEXT)),
     ),
     size="coalesce(octet_length(s.memory_json), 0)",
+    lets={"item_time": "memory_migration_parse_time(s.item ->> 'created_at', %(tz)s)"},
 )
 
 MAPPINGS: dict[tuple[str, str], TableMapping] = {

@@ -241,21 +241,21 @@ class RowSource(Source):
             t=_TYPES[self.order_type], o=sql.SQL(self.order), pending=self.pending_filter(m, pending))
 
     def mapped(self, m: TableMapping, where: sql.Composable | None) -> tuple[sql.Composable, sql.Composable]:
-        return sql.SQL(""), sql.SQL("FROM {} s").format(sql.Identifier(m.table))
+        return sql.SQL(""), sql.SQL("FROM {} s{}").format(sql.Identifier(m.table), sql.SQL(m.lets_join()))
 
     def filter_rows(self, where: sql.Composable | None) -> sql.Composable:
         return sql.SQL(" AND {}").format(where) if where is not None else sql.SQL("")
 
     def batch(self, m: TableMapping, pending: bool) -> sql.Composed:
-        source = sql.SQL("FROM {} s WHERE {}{}").format(sql.Identifier(m.table), self.range_predicate(),
-                                                        self.pending_filter(m, pending))
+        source = sql.SQL("FROM {} s{} WHERE {}{}").format(sql.Identifier(m.table), sql.SQL(m.lets_join()),
+                                                          self.range_predicate(), self.pending_filter(m, pending))
         return sql.SQL(_ROW_BATCH).format(
             insert=batchsql.insert_memories(m, source), vectors=batchsql.insert_vectors(m, source),
             table=sql.Literal(m.table), key=sql.SQL(self.key), reason=sql.SQL(m.reason_sql()),
             id=sql.SQL(m.columns["id"].sql()), source=source)
 
     def whole_table_load(self, m: TableMapping) -> sql.Composed:
-        source = sql.SQL("FROM {} s WHERE TRUE").format(sql.Identifier(m.table))
+        source = sql.SQL("FROM {} s{} WHERE TRUE").format(sql.Identifier(m.table), sql.SQL(m.lets_join()))
         return sql.SQL("WITH ins AS ({}), vectors AS ({}) SELECT count(*) FROM ins").format(
             batchsql.insert_memories(m, source), batchsql.insert_vectors(m, source))
 
@@ -374,7 +374,7 @@ class ItemSource(Source):
         of the rows without one); the FROM clause over the items; the row and item counts."""
         prelude = sql.SQL(_ITEM_PRELUDE).format(table=sql.Identifier(m.table), where=where,
                                                 reasons=sql.SQL(row_reason_sql()))
-        return (prelude, sql.SQL("FROM s"), sql.SQL("(SELECT count(*) FROM row_outcome)"),
+        return (prelude, sql.SQL("FROM s" + m.lets_join()), sql.SQL("(SELECT count(*) FROM row_outcome)"),
                 sql.SQL("(SELECT count(*) FROM s)"))
 
     def batch(self, m: TableMapping, pending: bool) -> sql.Composed:
