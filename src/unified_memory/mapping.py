@@ -180,17 +180,26 @@ class TableMapping:
         """(target, SQL) for every mapped column, meta included."""
         return [(name, col.sql()) for name, col in self.columns.items()] + [("meta", self.meta_sql())]
 
-    def meta_sql(self) -> str:
-        """The source metadata as an object, plus ``legacy`` holding originals (JSON NULLs kept exactly)."""
-        obj = f"CASE WHEN jsonb_typeof({self.meta}) = 'object' THEN {self.meta} ELSE '{{}}'::jsonb END"
+    def meta_object(self) -> str:
+        """SQL: the source metadata when it is a JSON object, else ``{}``."""
+        return f"CASE WHEN jsonb_typeof({self.meta}) = 'object' THEN {self.meta} ELSE {_EMPTY} END"
+
+    def legacy_parts(self) -> list[tuple[str, str]]:
+        """(meta.legacy key, SQL) for every original kept; a key is left out where its SQL is NULL."""
         parts = [(k, f"to_jsonb({v})") for k, v in self.legacy.items()]
         parts += [(c.keep_as, kept) for c in self.columns.values() if c.keep_as and (kept := c.kept_original())]
         parts.append(("metadata", f"CASE WHEN jsonb_typeof({self.meta}) <> 'object' THEN {self.meta} END"))
         if "created_at" in self.columns:
             parts.append(("created_at_missing", f"CASE WHEN ({self.columns['created_at'].expr}) IS NULL THEN true END"))
         parts.append(("meta_legacy", f"({self.meta}) -> 'legacy'"))
-        legacy = " || ".join(_entry(k, v) for k, v in parts)
-        return f"(({obj}) - 'legacy' || {_entry('legacy', f'nullif({legacy}, {_EMPTY})')})"
+        return parts
+
+    def meta_sql(self) -> str:
+        """The source metadata as an object, plus ``legacy`` holding originals (JSON NULLs kept exactly), no
+        ``legacy`` when there is none. Each value is evaluated once: the migration and validation run this on
+        every row."""
+        legacy = " || ".join(_entry(k, v) for k, v in self.legacy_parts())
+        return f"(({self.meta_object()}) - 'legacy' || {_entry('legacy', f'nullif({legacy}, {_EMPTY})')})"
 
     def reason_sql(self) -> str:
         """SQL: the quarantine reason of a row (NULL when it can migrate)."""
