@@ -78,6 +78,6 @@ def test_an_entry_is_left_out_only_for_sql_null(unified: psycopg.Connection, val
     for key, value in values:
         if value is not None:  # a JSON null is kept; only SQL NULL leaves the key out
             expected[key] = value.obj
-    got = unified.execute(sql.SQL("SELECT {}").format(sql.SQL(once)),
-                          {f"v{i}": v for i, (_, v) in enumerate(values)}).fetchone()
-    assert got is not None and got[0] == expected
+    got = unified.execute(sql.SQL("SELECT {} = %(expected)s::jsonb, {}").format(sql.SQL(once), sql.SQL(once)),
+                          {"expected": Jsonb(expected), **{f"v{i}": v for i, (_, v) in enumerate(values)}}).fetchone()
+    assert got is not None and got[0] is True, (got, expected)  # compared as jsonb: 1e16 equals 10000000000000000

@@ -76,6 +76,13 @@ def _connect_like(conn: psycopg.Connection) -> psycopg.Connection:
     return psycopg.connect(autocommit=True, **params)  # type: ignore[arg-type]
 
 
+@contextmanager
+def companion(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """One more connection like ``conn``, with the same maintenance settings, for work that runs beside it."""
+    with Workers(conn, 1) as side:
+        yield side.connections()[0]
+
+
 class Workers:
     """``n`` connections like ``conn`` (opened on first use), each with the maintenance settings."""
 

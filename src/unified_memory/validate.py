@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, Valida
 from .db import all_rows, analyze, first_column, maintenance, one_row, relation_exists, scalar
 from .errors import ShapeError, ValidationFailed, flag
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
-from .parallel import Workers, default_jobs
+from .parallel import Workers, companion, default_jobs
 from .shapes import LEGACY_TABLES, detect
 
 __all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
@@ -89,14 +90,22 @@ def _run_checks(conn: psycopg.Connection, report: ValidationReport, manifest: Ba
                                    "is not applied: run `unified-memory schema up`"))
     if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
         return
-    report.checks += integrity_checks(conn)
-    report.checks += reconciliation_checks(conn, manifest)
-    report.checks += isolation_checks(conn)
-    report.checks += index_checks(conn)
-    report.checks += function_checks(conn)
+    # the probes run on a connection of their own beside the scans: while one table's slices finish, a core
+    # would otherwise wait
+    with companion(conn) as side, ThreadPoolExecutor(max_workers=1, thread_name_prefix="unified-memory") as pool:
+        probed = pool.submit(_probe_checks, side)
+        report.checks += integrity_checks(conn)
+        report.checks += reconciliation_checks(conn, manifest)
+        checks, report.distributions, report.totals = probed.result()
+    report.checks += checks
     if vectors is not None:
         report.checks += vectors(conn)
-    report.distributions, report.totals = distributions(conn)
+
+
+def _probe_checks(conn: psycopg.Connection) -> tuple[list[Check], dict[str, list[list[Any]]], dict[str, Any]]:
+    """Isolation, index and function probes, and the distributions: what needs no full scan of the sources."""
+    checks = isolation_checks(conn) + index_checks(conn) + function_checks(conn)
+    return (checks, *distributions(conn))
 
 
 def record_run(conn: psycopg.Connection, report: ValidationReport, began: datetime) -> None:
