@@ -49,7 +49,7 @@ def main() -> None:
                 conn.execute(query)
             baseline = time.monotonic() - started
         tools, others = [], []
-        for _ in range(args.rounds):  # alternating, so neither side always runs on a warmer cache
+        for _ in range(max(1, args.rounds)):  # alternating, so neither side always runs on a warmer cache
             tools.append(run_tool(["--dsn", db, "--json", "validate"]))
             if args.compare_with:
                 others.append(run_tool(["--dsn", db, "--json", "validate"], env={"PYTHONPATH": args.compare_with}))

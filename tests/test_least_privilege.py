@@ -8,6 +8,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from roles import MAINTENANCE_ROLE, login_roles
 from typer.testing import CliRunner
 
@@ -94,3 +96,20 @@ def test_rollback_without_create_on_the_database_is_refused_before_anything(main
     assert code == 2 and f'GRANT CREATE ON DATABASE "{database[0]}"' in str(output), output
     with psycopg.connect(dsn) as admin:
         assert admin.execute("SELECT count(*) FROM memories WHERE source_table IS NOT NULL").fetchone() != (0,)
+
+
+def test_a_login_allowed_one_connection_migrates_and_validates_on_it(maintenance_dsn: str, server_dsn: str,
+                                                                       home: Path, caplog: pytest.LogCaptureFixture
+                                                                       ) -> None:
+    """The parallel work (migration ranges, reconciliation slices, validate's probes beside the scans) runs on
+    the caller's connection when no second one can be opened, instead of failing."""
+    login = conninfo_to_dict(maintenance_dsn)["user"]
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(sql.Identifier(str(login))))
+        assert admin.execute("SELECT current_setting('max_parallel_workers')::int > 1").fetchone() == (True,)
+    code, migrated = _run(["--dsn", maintenance_dsn, "--json", "migrate", "--batch-size", "100", "--jobs", "2"])
+    assert code == 0 and isinstance(migrated, dict) and migrated["status"] == "succeeded", migrated
+    code, validated = _run(["--dsn", maintenance_dsn, "--json", "validate"])
+    assert isinstance(validated, dict), validated
+    assert [c["name"] for c in validated["checks"] if c["status"] != "pass"] == [] and code == 0  # type: ignore[union-attr]
+    assert "parallel connections opened" in caplog.text

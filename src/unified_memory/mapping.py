@@ -186,7 +186,7 @@ class TableMapping:
 
     def legacy_parts(self) -> list[tuple[str, str]]:
         """(meta.legacy key, SQL) for every original kept; a key is left out where its SQL is NULL."""
-        parts = [(k, f"to_jsonb({v})") for k, v in self.legacy.items()]
+        parts = list(self.legacy.items())
         parts += [(c.keep_as, kept) for c in self.columns.values() if c.keep_as and (kept := c.kept_original())]
         parts.append(("metadata", f"CASE WHEN jsonb_typeof({self.meta}) <> 'object' THEN {self.meta} END"))
         if "created_at" in self.columns:

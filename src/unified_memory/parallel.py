@@ -7,6 +7,7 @@ seconds spent per phase over every connection (with several workers the sum exce
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,8 @@ from typing import TypeVar
 import psycopg
 
 from .db import custom_plans, maintenance, scalar
+
+log = logging.getLogger("unified_memory.parallel")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,11 +79,24 @@ def _connect_like(conn: psycopg.Connection) -> psycopg.Connection:
     return psycopg.connect(autocommit=True, **params)  # type: ignore[arg-type]
 
 
+def _open_like(conn: psycopg.Connection, stack: ExitStack) -> psycopg.Connection:
+    """A connection like ``conn`` with the maintenance settings, closed with ``stack``.
+
+    Raises:
+        psycopg.OperationalError: no connection (the server's or the role's connection limit, for one).
+    """
+    worker = stack.enter_context(_connect_like(conn))
+    stack.enter_context(maintenance(worker))
+    stack.enter_context(custom_plans(worker))
+    worker.execute("SELECT set_config('work_mem', %s, false)", [WORK_MEM])
+    return worker
+
+
 @contextmanager
 def companion(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
     """One more connection like ``conn``, with the same maintenance settings, for work that runs beside it."""
-    with Workers(conn, 1) as side:
-        yield side.connections()[0]
+    with ExitStack() as stack:
+        yield _open_like(conn, stack)
 
 
 class Workers:
@@ -99,20 +115,23 @@ class Workers:
         self._stack.close()
 
     def connections(self) -> list[psycopg.Connection]:
+        """Up to ``n`` connections: as many as the server and the role allow (the work then runs on fewer)."""
         while len(self._conns) < self.n:
-            worker = self._stack.enter_context(_connect_like(self.conn))
-            self._stack.enter_context(maintenance(worker))
-            self._stack.enter_context(custom_plans(worker))
-            worker.execute("SELECT set_config('work_mem', %s, false)", [WORK_MEM])
-            self._conns.append(worker)
+            try:
+                self._conns.append(_open_like(self.conn, self._stack))
+            except psycopg.OperationalError as exc:
+                log.warning("%d of %d parallel connections opened (%s): the work runs on fewer", len(self._conns),
+                            self.n, exc.sqlstate or "no connection")
+                self.n = max(1, len(self._conns))
+                break
         return self._conns
 
     def map(self, fn: Callable[[psycopg.Connection, T], R], items: Sequence[T]) -> list[R]:
         """``fn(connection, item)`` for every item, at most ``n`` at a time; the first error stops the rest
         from starting and is raised."""
-        if self.n <= 1 or len(items) <= 1:
+        conns = self.connections()[: len(items)] if self.n > 1 and len(items) > 1 else []
+        if len(conns) <= 1:
             return [fn(self.conn, item) for item in items]
-        conns = self.connections()[: min(self.n, len(items))]
         queue = list(enumerate(items))
         results: dict[int, R] = {}
         lock, failed = threading.Lock(), self.stop

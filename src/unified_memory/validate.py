@@ -8,10 +8,11 @@ pass, warn or fail; the report passes only when nothing fails.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ from .errors import ShapeError, ValidationFailed, flag
 from .mapping import MEMORY_TYPES, NEURO_TYPES, UI_SOURCES
 from .parallel import Workers, companion, default_jobs
 from .shapes import LEGACY_TABLES, detect
+
+log = logging.getLogger("unified_memory.validate")
 
 __all__ = ["FAIL", "PASS", "WARN", "Check", "ValidationReport", "validate"]
 
@@ -90,16 +93,34 @@ def _run_checks(conn: psycopg.Connection, report: ValidationReport, manifest: Ba
                                    "is not applied: run `unified-memory schema up`"))
     if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
         return
-    # the probes run on a connection of their own beside the scans: while one table's slices finish, a core
-    # would otherwise wait
-    with companion(conn) as side, ThreadPoolExecutor(max_workers=1, thread_name_prefix="unified-memory") as pool:
-        probed = pool.submit(_probe_checks, side)
-        report.checks += integrity_checks(conn)
-        report.checks += reconciliation_checks(conn, manifest)
-        checks, report.distributions, report.totals = probed.result()
+    with ExitStack() as stack:
+        side = _spare_connection(conn, stack)
+        if side is None:  # one core, or no connection to spare: one after the other, on this connection
+            report.checks += integrity_checks(conn) + reconciliation_checks(conn, manifest)
+            checks, report.distributions, report.totals = _probe_checks(conn)
+        else:  # beside the scans: while one table's slices finish, a core would otherwise wait
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="unified-memory"))
+            probed = pool.submit(_probe_checks, side)
+            try:
+                report.checks += integrity_checks(conn) + reconciliation_checks(conn, manifest)
+                checks, report.distributions, report.totals = probed.result()
+            except BaseException:  # Ctrl-C or an error: stop the probe's query too, not only the scans
+                side.cancel_safe()
+                raise
     report.checks += checks
     if vectors is not None:
         report.checks += vectors(conn)
+
+
+def _spare_connection(conn: psycopg.Connection, stack: ExitStack) -> psycopg.Connection | None:
+    """A companion of ``conn`` (closed with ``stack``) when the server has a core and a connection to spare."""
+    if default_jobs(conn) <= 1:
+        return None
+    try:
+        return stack.enter_context(companion(conn))
+    except psycopg.OperationalError as exc:  # the role's or the server's connection limit
+        log.info("validate runs its probes after the scans: no second connection (%s)", exc.sqlstate)
+        return None
 
 
 def _probe_checks(conn: psycopg.Connection) -> tuple[list[Check], dict[str, list[list[Any]]], dict[str, Any]]:
