@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from unified_memory.mapping import TableMapping, _entry, mapping_for
+from unified_memory import fixtures, schema
+from unified_memory.batchsql import mapped_source
+from unified_memory.mapping import MAPPINGS, TableMapping, _entry, mapping_for
 
 TEXT = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=12)
 SCALARS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False,
@@ -81,3 +85,22 @@ def test_an_entry_is_left_out_only_for_sql_null(unified: psycopg.Connection, val
     got = unified.execute(sql.SQL("SELECT {} = %(expected)s::jsonb, {}").format(sql.SQL(once), sql.SQL(once)),
                           {"expected": Jsonb(expected), **{f"v{i}": v for i, (_, v) in enumerate(values)}}).fetchone()
     assert got is not None and got[0] is True, (got, expected)  # compared as jsonb: 1e16 equals 10000000000000000
+
+
+@pytest.mark.parametrize("key", sorted(MAPPINGS))
+def test_every_mapping_maps_the_fixture_rows_as_the_plain_form_does(conn: psycopg.Connection,
+                                                                     key: tuple[str, str]) -> None:
+    m = MAPPINGS[key]
+    fixtures.create(conn, rows=120, shapes={m.table: m.shape})
+    schema.up(conn)
+    prelude, source = mapped_source(m)
+    plain = [(n, _plain_meta(m) if n == "meta" else _inlined(m, e)) for n, e in m.column_sql()]
+    differs = sql.SQL(", ").join(
+        sql.SQL("count(*) FILTER (WHERE ({})::text IS DISTINCT FROM ({})::text) AS {}").format(
+            sql.SQL(e), sql.SQL(p), sql.Identifier(n)) for (n, e), (_, p) in zip(m.column_sql(), plain, strict=True))
+    query = sql.SQL("WITH {} mapped AS (SELECT 1) SELECT count(*) AS rows, {} {} WHERE {} IS NULL").format(
+        prelude if m.expands else sql.SQL(""), differs, source, sql.SQL(m.reason_sql()))
+    with conn.cursor(row_factory=dict_row) as cur:
+        got = cur.execute(query, {"tz": "America/New_York", "after": None, "upper": None}).fetchone()
+    assert got is not None and got.pop("rows") > 0
+    assert {n: c for n, c in got.items() if c} == {}
