@@ -94,19 +94,18 @@ def _run_checks(conn: psycopg.Connection, report: ValidationReport, manifest: Ba
     if any(c.name in ("schema.tables", "schema.bookkeeping") and c.status == FAIL for c in report.checks):
         return
     with ExitStack() as stack:
+        # beside the scans when a connection is to spare (while one table's slices finish, a core would otherwise
+        # wait); else after them, on this connection
         side = _spare_connection(conn, stack)
-        if side is None:  # one core, or no connection to spare: one after the other, on this connection
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="unified-memory"))
+        probed = pool.submit(_probe_checks, side) if side is not None else None
+        try:
             report.checks += integrity_checks(conn) + reconciliation_checks(conn, manifest)
-            checks, report.distributions, report.totals = _probe_checks(conn)
-        else:  # beside the scans: while one table's slices finish, a core would otherwise wait
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="unified-memory"))
-            probed = pool.submit(_probe_checks, side)
-            try:
-                report.checks += integrity_checks(conn) + reconciliation_checks(conn, manifest)
-                checks, report.distributions, report.totals = probed.result()
-            except BaseException:  # Ctrl-C or an error: stop the probe's query too, not only the scans
+            checks, report.distributions, report.totals = probed.result() if probed else _probe_checks(conn)
+        except BaseException:  # Ctrl-C or an error: stop the probe's query too, not only the scans
+            if side is not None:
                 side.cancel_safe()
-                raise
+            raise
     report.checks += checks
     if vectors is not None:
         report.checks += vectors(conn)
