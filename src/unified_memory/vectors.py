@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict, cast
 
 import numpy as np
 import psycopg
@@ -41,7 +41,7 @@ from psycopg.rows import class_row, dict_row
 from . import privileges
 from .checks import FAIL, PASS, SECONDS, WARN, Check, Serialised, Status, json_field
 from .db import custom_plans, first_column, maintenance, relation_exists, scalar
-from .embedders import Embedder
+from .embedders import Embedder, Vectors
 from .errors import LockBusy, VectorStoreError
 from .health import vector_lag
 from .milvus import DataType, MilvusClient, MilvusException
@@ -77,9 +77,10 @@ _COLUMNS = sql.SQL("""
 SELECT m.id::text AS id, m.user_id, m.org_id, m.importance, m.decay_tier, m.memory_type, m.neuro_type, m.ui_source,
        extract(epoch FROM m.created_at)::bigint AS created_at, extract(epoch FROM m.expires_at)::bigint AS expires_at,
        m.deleted_at IS NOT NULL AS is_deleted, m.source_table, left(m.text, %(chars)s) AS text,
-       e.embedding AS kept, m.meta -> 'legacy' ->> 'vector_id' AS vector_id,
+       e.embedding, m.meta -> 'legacy' ->> 'vector_id' AS vector_id,
        (m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())) AS live
-FROM memories m LEFT JOIN memory_legacy_embeddings e ON e.memory_id = m.id""")
+FROM memories m LEFT JOIN LATERAL (SELECT embedding FROM memory_legacy_embeddings WHERE memory_id = m.id OFFSET 0) e
+     ON true""")
 _LIVE = sql.SQL("m.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())")
 _AFTER = sql.SQL("(%(after)s::uuid IS NULL OR m.id > %(after)s::uuid)")
 
@@ -120,9 +121,9 @@ _HITS = sql.SQL("SELECT m.id::text AS id, m.user_id, m.org_id, m.memory_type, m.
                 "%(org)s AND {}").format(_LIVE)
 
 
-@dataclass
-class MemoryRow:
-    """One memory as the collection holds it, with where its vector may come from."""
+class MemoryRow(TypedDict):
+    """One memory under the collection's field names, with where its vector may come from: ``embedding`` is the
+    vector the migration kept, if any (read as a dict: a batch becomes its entities without a class per row)."""
 
     id: str
     user_id: str
@@ -137,43 +138,42 @@ class MemoryRow:
     is_deleted: bool
     source_table: str | None
     text: str
-    kept: list[float] | None
+    embedding: Vectors | None
     vector_id: str | None
     live: bool
 
-    def entity(self, vector: list[float]) -> dict[str, Any]:
-        """The collection's entity for this memory."""
-        entity = {name: getattr(self, name) for name in ("id", *FIELDS)}
-        entity["text"] = _fit(self.text)
-        entity["embedding"] = vector
-        return entity
+
+def entity(row: MemoryRow, vector: Vectors | list[float]) -> dict[str, Any]:
+    """The collection's entity for this memory: its fields, the text cut to fit, and ``vector``."""
+    entity: dict[str, Any] = {**row, "text": _fit(row["text"]), "embedding": vector}
+    del entity["vector_id"], entity["live"]
+    return entity
 
 
 class _Float4ArrayLoader(Loader):
-    """Binary ``real[]`` to a list of floats through numpy: the generic array loader goes element by element."""
+    """Binary ``real[]`` to a float32 array through numpy: the generic loader makes a Python float per element."""
 
     format = Format.BINARY
     _ITEM = np.dtype([("length", ">i4"), ("value", ">f4")])
 
-    def load(self, data: Buffer) -> list[float | None]:
+    def load(self, data: Buffer) -> Vectors:
         raw = bytes(data)
         ndim, has_null = struct.unpack_from(">ii", raw)
         if ndim == 0:
-            return []
+            return np.empty(0, dtype=np.float32)
         if ndim != 1 or has_null:
             raise VectorStoreError("a kept embedding is not a one-dimensional array without NULLs")
         (count,) = struct.unpack_from(">i", raw, 12)
-        values: list[float | None] = np.frombuffer(raw, dtype=self._ITEM, count=count, offset=20)["value"].tolist()
-        return values
+        return np.frombuffer(raw, dtype=self._ITEM, count=count, offset=20)["value"].astype(np.float32)
 
 
 FLOAT4_ARRAY_OID = 1021
 
 
 def _rows(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any]) -> list[MemoryRow]:
-    with conn.cursor(binary=True, row_factory=class_row(MemoryRow)) as cur:
+    with conn.cursor(binary=True, row_factory=dict_row) as cur:
         cur.adapters.register_loader(FLOAT4_ARRAY_OID, _Float4ArrayLoader)
-        return cur.execute(query, {"chars": TEXT_CHARS, **params}).fetchall()
+        return cast(list[MemoryRow], cur.execute(query, {"chars": TEXT_CHARS, **params}).fetchall())
 
 
 def _ids(conn: psycopg.Connection, query: str | sql.Composed, params: Sequence[Any] | dict[str, Any]) -> list[str]:
@@ -425,16 +425,16 @@ def _apply_outbox(run: _Syncer, *, removals_only: bool = False) -> None:
         if not queued:
             return
         ids = sorted({q.memory_id for q in queued})
-        rows = {r.id: r for r in _rows(run.conn, _BY_IDS, {"ids": ids})}
+        rows = {r["id"]: r for r in _rows(run.conn, _BY_IDS, {"ids": ids})}
         if removals_only:  # one that came back to life meanwhile stays queued for the next full sync
-            queued = [q for q in queued if q.memory_id not in rows or not rows[q.memory_id].live]
+            queued = [q for q in queued if q.memory_id not in rows or not rows[q.memory_id]["live"]]
             ids = sorted({q.memory_id for q in queued})
             if not ids:
                 return
-        entities = run.vectors_for([rows[i] for i in ids if i in rows and rows[i].live])
+        entities = run.vectors_for([rows[i] for i in ids if i in rows and rows[i]["live"]])
         if entities:
             run.client.upsert(run.spec.name, entities)
-        run.remove([i for i in ids if i not in rows or not rows[i].live])
+        run.remove([i for i in ids if i not in rows or not rows[i]["live"]])
         with run.conn.transaction():
             if entities:
                 run.conn.execute(_POINT, [[e["id"] for e in entities]])
@@ -466,7 +466,7 @@ def _upsert_pending(run: _Syncer, *, full: bool, progress: Progress | None) -> N
 
     def prepare(after: str | None) -> tuple[str | None, list[dict[str, Any]]]:
         rows = _rows(conn, query, {"after": after, "limit": run.batch_size})
-        return (rows[-1].id if rows else None), run.vectors_for(rows)
+        return (rows[-1]["id"] if rows else None), run.vectors_for(rows)
 
     def point_then_prepare(written: list[str], after: str) -> tuple[str | None, list[dict[str, Any]]]:
         if written:  # the batch before the one being written now: its write has returned
@@ -517,12 +517,12 @@ def _entities(rows: list[MemoryRow], old: _OldCollections, embedder: Embedder | 
     vectors = resolve_vectors(rows, old, embedder, dimension)
     entities = []
     for row in rows:
-        vector, source = vectors[row.id]
+        vector, source = vectors[row["id"]]
         if vector is None:
-            result.no_vector.setdefault(source, []).append(row.id)
+            result.no_vector.setdefault(source, []).append(row["id"])
             continue
         result.sources[source] += 1
-        entities.append(row.entity(vector))
+        entities.append(entity(row, vector))
     return entities
 
 
@@ -532,24 +532,24 @@ def _fit(text: str) -> str:
 
 
 def resolve_vectors(rows: Sequence[MemoryRow], old: _OldCollections, embedder: Embedder | None,
-                    dimension: int) -> dict[str, tuple[list[float] | None, str]]:
+                    dimension: int) -> dict[str, tuple[Vectors | None, str]]:
     """id -> (vector, source) for a batch: kept embedding, else old collection, else embedder, else a reason."""
-    found: dict[str, tuple[list[float] | None, str]] = {}
+    found: dict[str, tuple[Vectors | None, str]] = {}
     for row in rows:
-        if row.kept is not None and len(row.kept) == dimension:
-            found[row.id] = (row.kept, "memory_items_embedding")  # real[] arrives as a list of floats
-    by_vector_id = old.lookup({row.vector_id for row in rows if row.id not in found and row.vector_id})
+        if row["embedding"] is not None and len(row["embedding"]) == dimension:
+            found[row["id"]] = (row["embedding"], "memory_items_embedding")  # real[] arrives as float32
+    by_vector_id = old.lookup({row["vector_id"] for row in rows if row["id"] not in found and row["vector_id"]})
     for row in rows:
-        if row.id not in found and row.vector_id in by_vector_id:
-            found[row.id] = (by_vector_id[str(row.vector_id)], "old_collection")
-    missing = [row for row in rows if row.id not in found]
+        if row["id"] not in found and row["vector_id"] in by_vector_id:
+            found[row["id"]] = (by_vector_id[str(row["vector_id"])], "old_collection")
+    missing = [row for row in rows if row["id"] not in found]
     if missing and embedder is not None:
-        for row, vector in zip(missing, embedder.embed([r.text for r in missing]), strict=True):
-            found[row.id] = (vector, f"embedder:{embedder.name}")
+        for row, vector in zip(missing, embedder.embed([r["text"] for r in missing]), strict=True):
+            found[row["id"]] = (vector, f"embedder:{embedder.name}")
     for row in missing:
-        if row.id not in found:
-            reason = "dimension_mismatch" if row.kept is not None else "no_source_and_no_embedder"
-            found[row.id] = (None, reason)
+        if row["id"] not in found:
+            reason = "dimension_mismatch" if row["embedding"] is not None else "no_source_and_no_embedder"
+            found[row["id"]] = (None, reason)
     return found
 
 
@@ -569,8 +569,8 @@ class _OldCollections:
                     client.load_collection(name)
                     self.sources.append((name, pk["name"], pk["type"], vec["name"]))
 
-    def lookup(self, vector_ids: set[str | None]) -> dict[str, list[float]]:
-        found: dict[str, list[float]] = {}
+    def lookup(self, vector_ids: set[str | None]) -> dict[str, Vectors]:
+        found: dict[str, Vectors] = {}
         wanted_all = {v for v in vector_ids if v}
         for name, pk, pk_type, vec in self.sources:
             wanted = [v for v in wanted_all - set(found) if pk_type != DataType.INT64 or v.isdigit()]
@@ -578,7 +578,7 @@ class _OldCollections:
                 continue
             keys = [int(v) for v in wanted] if pk_type == DataType.INT64 else wanted
             for hit in self.client.get(name, ids=keys, output_fields=[vec]):
-                found[str(hit[pk])] = [float(x) for x in hit[vec]]
+                found[str(hit[pk])] = np.asarray(hit[vec], dtype=np.float32)
         return found
 
 
@@ -671,7 +671,7 @@ def search(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec,
 
 
 def _indexed(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec, result: SearchResult,
-             probe: list[float], live: int, k: int) -> list[tuple[str, float]]:
+             probe: Vectors, live: int, k: int) -> list[tuple[str, float]]:
     """A large tenant: HNSW with a wide ef, filtered on the tenant; exact over the tenant when it returns fewer
     than min(k, live) live hits."""
     tenant = tenant_filter(result.user_id, result.org_id, live_at=int(time.time()))
@@ -685,7 +685,7 @@ def _indexed(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpe
     return scored
 
 
-def exact_by_ids(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], ids: list[str],
+def exact_by_ids(client: MilvusClient, spec: CollectionSpec, probe: Vectors, ids: list[str],
                  k: int) -> list[tuple[str, float]]:
     """Brute force over the given entities (fetched by primary key, the fastest read Milvus has)."""
     ranked = _TopK(k, _unit(probe))
@@ -694,7 +694,7 @@ def exact_by_ids(client: MilvusClient, spec: CollectionSpec, probe: Sequence[flo
     return ranked.best()
 
 
-def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[float], filter_: str,
+def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Vectors, filter_: str,
                  k: int) -> list[tuple[str, float]]:
     """Brute force over every entity the filter selects, streamed; the best ``k`` by cosine."""
     ranked = _TopK(k, _unit(probe))
@@ -707,7 +707,7 @@ def exact_search(client: MilvusClient, spec: CollectionSpec, probe: Sequence[flo
     return ranked.best()
 
 
-def _unit(vector: Sequence[float]) -> np.ndarray:
+def _unit(vector: Vectors) -> np.ndarray:
     query = np.asarray(vector, dtype=np.float32)
     return query / max(float(np.linalg.norm(query)), 1e-12)
 
@@ -808,7 +808,7 @@ def _pointed(conn: psycopg.Connection, sample: int | None, seed: str, batch_size
     after = None
     while rows := _rows(conn, _POINTED_BATCH, {"after": after, "limit": batch_size}):
         yield rows
-        after = rows[-1].id
+        after = rows[-1]["id"]
 
 
 def _tenant_counts(conn: psycopg.Connection, client: MilvusClient, spec: CollectionSpec) -> Check:
@@ -849,22 +849,22 @@ class _Comparison:
 
     def batch(self, rows: list[MemoryRow]) -> None:
         self.first = self.first or (rows[0] if rows else None)
-        got = {str(e["id"]): e for e in self.client.get(self.spec.name, ids=[r.id for r in rows],
+        got = {str(e["id"]): e for e in self.client.get(self.spec.name, ids=[r["id"] for r in rows],
                                                          output_fields=[*FIELDS, "embedding"])}
         expected = resolve_vectors(rows, self.old, self.embedder, self.spec.dimension)
         for row in rows:
             self.compared += 1
-            entity = got.get(row.id)
-            if entity is None:
-                self._problem(row.id, "missing")
+            stored = got.get(row["id"])
+            if stored is None:
+                self._problem(row["id"], "missing")
                 continue
-            wanted = row.entity([])
+            wanted = entity(row, [])
             for name in FIELDS:
-                if entity.get(name) != wanted[name]:
-                    self._problem(row.id, name)
-            vector = expected[row.id][0]
-            if vector is not None and _cosine(vector, entity["embedding"]) < 0.9999:
-                self._problem(row.id, "embedding")
+                if stored.get(name) != wanted[name]:
+                    self._problem(row["id"], name)
+            vector = expected[row["id"]][0]
+            if vector is not None and _cosine(vector, stored["embedding"]) < 0.9999:
+                self._problem(row["id"], "embedding")
 
     def _problem(self, memory_id: str, what: str) -> None:
         self.wrong[what] += 1
@@ -886,14 +886,14 @@ class _Comparison:
 def _filtered_search(client: MilvusClient, spec: CollectionSpec, row: MemoryRow | None) -> Check:
     if row is None:
         return Check("vectors.tenant_search", PASS, "nothing to search", {})
-    stored = client.get(spec.name, ids=[row.id], output_fields=["embedding"])
+    memory_id, tenant = row["id"], (row["user_id"], row["org_id"])
+    stored = client.get(spec.name, ids=[memory_id], output_fields=["embedding"])
     if not stored:
-        return Check("vectors.tenant_search", FAIL, f"found nothing: the sampled memory {row.id} has no vector "
+        return Check("vectors.tenant_search", FAIL, f"found nothing: the sampled memory {memory_id} has no vector "
                                                     "in the collection to search with", {"hits": 0})
-    hits = client.search(spec.name, [stored[0]["embedding"]], limit=20, filter=tenant_filter(row.user_id, row.org_id),
+    hits = client.search(spec.name, [stored[0]["embedding"]], limit=20, filter=tenant_filter(*tenant),
                          output_fields=["user_id", "org_id"], search_params={"params": {"ef": EF_MIN}})[0]
-    foreign = [h["id"] for h in hits if (h["entity"]["user_id"], h["entity"].get("org_id")) != (row.user_id,
-                                                                                                row.org_id)]
+    foreign = [h["id"] for h in hits if (h["entity"]["user_id"], h["entity"].get("org_id")) != tenant]
     evidence = {"hits": len(hits), "foreign_ids": foreign[:10],
                 "top_score": round(float(hits[0]["distance"]), 4) if hits else None}
     if not hits:
@@ -918,7 +918,7 @@ def _lag_check(conn: psycopg.Connection) -> Check:
     return Check("vectors.lag", PASS, "the collection has every change of memories", behind)
 
 
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+def _cosine(a: Vectors, b: Sequence[float]) -> float:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     norm = float(np.linalg.norm(x) * np.linalg.norm(y))
     return float(x @ y) / norm if norm else 0.0
