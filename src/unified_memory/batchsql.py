@@ -32,11 +32,6 @@ def range_predicate(m: TableMapping) -> sql.Composed:
     return m.source.range_predicate()
 
 
-def not_accounted(m: TableMapping) -> sql.Composed:
-    """The source row has no outcome yet (neither a memory nor a quarantine row)."""
-    return m.source.not_accounted(m)
-
-
 def next_upper(m: TableMapping, *, pending: bool = True) -> sql.Composed:
     """The upper key of the next batch (``upper``, ``rows``): at most ``%(limit)s`` rows and ``%(max_bytes)s``
     bytes (one row at least), within the source's batch window (``%(range_end)s`` or ``%(window_end)s``)."""

@@ -156,11 +156,11 @@ def item_keys(m: TableMapping) -> sql.Composed:
     return sql.SQL("""WITH RECURSIVE it(c, i) AS (
     SELECT c, 0 FROM unnest(%(keys)s::text[]) c
     UNION ALL
-    SELECT it.c, it.i + 1 FROM it WHERE
+    SELECT it.c, it.i + 1 FROM it WHERE  -- OFFSET 0: index probes, not a hash of all the table's outcomes
         EXISTS (SELECT 1 FROM memories x
-                WHERE x.source_table = {t} AND x.source_key = {item})
+                WHERE x.source_table = {t} AND x.source_key = {item} OFFSET 0)
         OR EXISTS (SELECT 1 FROM memory_migration_quarantine q
-                   WHERE q.source_table = {t} AND q.source_key = {item})
+                   WHERE q.source_table = {t} AND q.source_key = {item} OFFSET 0)
 )
 SELECT {key} FROM it""").format(t=sql.Literal(m.table), item=sql.SQL(_K.sql("it.c", "it.i")),
                                  key=sql.SQL(_K.sql("c", "i")))

@@ -121,13 +121,18 @@ class Source(ABC):
         return sql.SQL("(%(after)s::{t} IS NULL OR {o} > %(after)s::{t}) "
                        "AND (%(upper)s::{t} IS NULL OR {o} <= %(upper)s::{t})").format(t=t, o=sql.SQL(self.order))
 
-    def not_accounted(self, m: TableMapping) -> sql.Composed:
-        """The source row has no outcome yet (neither a memory nor a quarantine row)."""
+    def not_accounted(self, m: TableMapping, *, per_row: bool = True) -> sql.Composed:
+        """The source row has no outcome yet (neither a memory nor a quarantine row).
+
+        ``per_row``: each test is a probe of the (source_table, source_key) index, for a batch's rows; ``OFFSET 0``
+        keeps the planner from making it an anti-join that hashes every outcome of the table, once per batch
+        (quadratic over a run). Without it (a count over the whole table), the planner chooses."""
+        fence = sql.SQL(" OFFSET 0" if per_row else "")
         return sql.SQL(
-            "NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {t} AND x.source_key = {k}) "
+            "NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {t} AND x.source_key = {k}{fence}) "
             "AND NOT EXISTS (SELECT 1 FROM memory_migration_quarantine x WHERE x.source_table = {t} "
-            "AND x.source_key = {k})"
-        ).format(t=sql.Literal(m.table), k=sql.SQL(self.key))
+            "AND x.source_key = {k}{fence})"
+        ).format(t=sql.Literal(m.table), k=sql.SQL(self.key), fence=fence)
 
     @abstractmethod
     def choose(self, rows: T, items: T) -> T:
@@ -276,7 +281,7 @@ class RowSource(Source):
 
     def pending(self, conn: psycopg.Connection, m: TableMapping) -> int:
         return int(scalar(conn, sql.SQL("SELECT count(*) FROM {} s WHERE {}").format(
-            sql.Identifier(m.table), self.not_accounted(m))))
+            sql.Identifier(m.table), self.not_accounted(m, per_row=False))))
 
     def next_batch(self, conn: psycopg.Connection, m: TableMapping, rg: ranges.Range, after: str | None,
                    params: dict[str, object]) -> tuple[str | None, int]:
@@ -489,7 +494,7 @@ item_q AS (
            jsonb_build_object('item_index', q.item_index, 'item', q.item), q.row_key, %(run_id)s
     FROM (SELECT {key} AS k, {reason} AS reason, {id} AS id, s.item_index, s.item, s.row_key {source}) q
     WHERE q.reason IS NOT NULL OR NOT EXISTS (SELECT 1 FROM ins WHERE ins.source_key = q.k)
-        AND NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = q.k)
+        AND NOT EXISTS (SELECT 1 FROM memories x WHERE x.source_table = {table} AND x.source_key = q.k OFFSET 0)
     RETURNING raw_key
 ),
 raw AS (

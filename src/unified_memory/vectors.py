@@ -98,14 +98,16 @@ _POINTED_BATCH = _select(sql.SQL("{} AND m.embedding_id IS NOT NULL").format(_AF
 _POINTED_SAMPLE = _select(sql.SQL("m.embedding_id IS NOT NULL"), sql.SQL("md5(m.id::text || %(seed)s)"))
 _PENDING_COUNT = sql.SQL("SELECT count(*) FROM memories m WHERE {} AND (%(full)s OR m.embedding_id IS NULL)").format(
     _LIVE)
-_OUTBOX = sql.SQL("SELECT o.seq, o.memory_id::text AS memory_id FROM memory_vector_outbox o {} ORDER BY o.seq "
-                  "LIMIT %s")
+# keyset on seq: a removals-only pass leaves the live changes queued, and a batch must not walk them again
+_OUTBOX = sql.SQL("SELECT o.seq, o.memory_id::text AS memory_id FROM memory_vector_outbox o WHERE o.seq > %(after)s{} "
+                  "ORDER BY o.seq LIMIT %(limit)s")
 _OUTBOX_ALL = _OUTBOX.format(sql.SQL(""))
-_OUTBOX_REMOVALS = _OUTBOX.format(sql.SQL("WHERE NOT EXISTS (SELECT FROM memories m WHERE m.id = o.memory_id AND {})"
-                                          ).format(_LIVE))
+_OUTBOX_REMOVALS = _OUTBOX.format(sql.SQL(
+    " AND NOT EXISTS (SELECT FROM memories m WHERE m.id = o.memory_id AND {} OFFSET 0)").format(_LIVE))
 _OUTBOX_DONE = "DELETE FROM memory_vector_outbox WHERE seq = ANY(%s)"
 _EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL AND expires_at IS NOT NULL "
-            "AND expires_at <= now() LIMIT %s")  # idx_memories_vector_expiry; deletions come through the outbox
+            "AND expires_at <= now() ORDER BY expires_at LIMIT %s")  # along idx_memories_vector_expiry, not a scan
+# from the table's first page past the rows earlier batches unpointed; deletions come through the outbox
 _POINT = ("UPDATE memories SET embedding_id = id::text WHERE id = ANY(%s::uuid[]) "
           "AND embedding_id IS DISTINCT FROM id::text")
 _UNPOINT = "UPDATE memories SET embedding_id = NULL WHERE id = ANY(%s::uuid[]) AND embedding_id IS NOT NULL"
@@ -419,18 +421,21 @@ def _sync_lock(conn: psycopg.Connection) -> Iterator[None]:
 def _apply_outbox(run: _Syncer, *, removals_only: bool = False) -> None:
     """Every queued change (only those of memories no longer live with ``removals_only``): live memories
     upserted, the others removed; their outbox rows deleted after."""
+    after = 0
     while True:
         with run.conn.cursor(row_factory=class_row(_Queued)) as cur:
-            queued = cur.execute(_OUTBOX_REMOVALS if removals_only else _OUTBOX_ALL, [run.batch_size]).fetchall()
+            queued = cur.execute(_OUTBOX_REMOVALS if removals_only else _OUTBOX_ALL,
+                                 {"after": after, "limit": run.batch_size}).fetchall()
         if not queued:
             return
+        after = queued[-1].seq
         ids = sorted({q.memory_id for q in queued})
         rows = {r["id"]: r for r in _rows(run.conn, _BY_IDS, {"ids": ids})}
         if removals_only:  # one that came back to life meanwhile stays queued for the next full sync
             queued = [q for q in queued if q.memory_id not in rows or not rows[q.memory_id]["live"]]
             ids = sorted({q.memory_id for q in queued})
             if not ids:
-                return
+                continue
         entities = run.vectors_for([rows[i] for i in ids if i in rows and rows[i]["live"]])
         if entities:
             run.client.upsert(run.spec.name, entities)
