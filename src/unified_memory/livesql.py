@@ -46,7 +46,8 @@ def lock_memories() -> sql.SQL:
     """The memories at ``%(keys)s``, locked, with the version the migration last wrote (1 when never)."""
     return sql.SQL(
         "SELECT m.id, m.source_key, m.version, coalesce(s.version, 1) AS synced, m.deleted_at IS NULL AS live "
-        "FROM memories m LEFT JOIN memory_migration_synced s ON s.memory_id = m.id "
+        "FROM memories m LEFT JOIN LATERAL (SELECT version FROM memory_migration_synced WHERE memory_id = m.id "
+        "OFFSET 0) s ON true "  # a probe per memory, not a hash of every version the migration recorded
         "WHERE m.source_table = %(t)s AND m.source_key = ANY(%(keys)s::text[]) ORDER BY m.id FOR UPDATE OF m")
 
 
