@@ -27,7 +27,7 @@ import psycopg
 from common import scratch_database, server_dsn
 
 from unified_memory import schema, vectors
-from unified_memory.embedders import HashingEmbedder
+from unified_memory.embedders import HashingEmbedder, Vectors
 from unified_memory.milvus import MilvusClient
 
 FILL = """
@@ -41,7 +41,7 @@ OWN = "SELECT id::text FROM memories WHERE user_id = %s AND org_id IS NOT DISTIN
 TENANTS = "SELECT user_id, org_id, count(*) AS n FROM memories GROUP BY 1, 2 ORDER BY n DESC, 1"
 
 
-def baseline(client: MilvusClient, spec: vectors.CollectionSpec, probe: list[float], user: str, org: str | None,
+def baseline(client: MilvusClient, spec: vectors.CollectionSpec, probe: Vectors, user: str, org: str | None,
              k: int) -> tuple[list[str], float]:
     started = time.monotonic()
     hits = client.search(spec.name, [probe], limit=k, output_fields=["user_id"],

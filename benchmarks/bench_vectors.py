@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,7 @@ SELECT m.id::text, m.user_id, m.org_id, m.importance, m.decay_tier, m.memory_typ
        extract(epoch FROM m.created_at)::bigint, extract(epoch FROM m.expires_at)::bigint, m.deleted_at IS NOT NULL,
        m.source_table, left(m.text, %s), e.embedding
 FROM memories m JOIN memory_legacy_embeddings e ON e.memory_id = m.id ORDER BY m.id"""
+BASELINE_DSN = "UM_BENCH_BASELINE_DSN"
 NAMES = ("id", "user_id", "org_id", "importance", "decay_tier", "memory_type", "neuro_type", "ui_source",
          "created_at", "expires_at", "is_deleted", "source_table", "text", "embedding")
 
@@ -66,8 +68,8 @@ def baseline_child(db: str, path: Path) -> None:
 
 
 def baseline(db: str, path: Path) -> tuple[float, int]:
-    done = subprocess.run([sys.executable, __file__, "--baseline-child", db, str(path)], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--baseline-child", str(path)], check=True,  # the DSN by
+                          capture_output=True, text=True, env={**os.environ, BASELINE_DSN: db})  # env: not in ps
     figures = json.loads(done.stdout)
     return figures["seconds"], figures["entities"]
 
@@ -131,8 +133,8 @@ def best_of(rounds: int, db: str, work: Path) -> tuple[list[float], list[dict[st
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--baseline-child":
-        baseline_child(sys.argv[2], Path(sys.argv[3]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--baseline-child":
+        baseline_child(os.environ[BASELINE_DSN], Path(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=30_000, help="memory_items rows (each with a vector)")
