@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -16,8 +17,8 @@ from crash import kill_when, spawn
 from typer.testing import CliRunner
 
 from unified_memory import fixtures, schema
-from unified_memory.backup import BackupManifest, backup, default_path, read_back, verify
-from unified_memory.backupfile import BackupWriter
+from unified_memory.backup import BACKUP_PREFIX, BackupManifest, backup, default_path, read_back, verify
+from unified_memory.backupfile import SETTLED_SECONDS, BackupWriter, clean_leftovers
 from unified_memory.cli import app
 from unified_memory.errors import BackupIntegrityError, ConfigError
 
@@ -107,6 +108,9 @@ def test_leftovers_of_killed_writers_are_removed_but_a_live_writers_file_stays(
         ".memory_migration_backup_live.umbk.partial"
     dead.write_bytes(b"half")
     live.write_bytes(b"writing")
+    long_ago = time.time() - 2 * SETTLED_SECONDS
+    for path in (dead, live):  # both settled: the live one is known by its lock alone
+        os.utime(path, (long_ago, long_ago))
     fd = os.open(live, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
@@ -115,6 +119,17 @@ def test_leftovers_of_killed_writers_are_removed_but_a_live_writers_file_stays(
     finally:
         os.close(fd)
     assert verify(manifest.path).tables["memory_items"].rows == 5
+
+
+def test_a_writer_between_creating_and_locking_its_file_keeps_it(tmp_path: Path) -> None:
+    """A writer creates its partial file, then locks it. A second backup's clean-up in between used to see an
+    unlocked file, remove it, and make the first backup fail at its end (seen in CI as FileNotFoundError)."""
+    just_created = tmp_path / ".memory_migration_backup_new.umbk.partial"
+    just_created.write_bytes(b"")
+    assert clean_leftovers(tmp_path, BACKUP_PREFIX) == [] and just_created.exists()
+    long_ago = time.time() - 2 * SETTLED_SECONDS
+    os.utime(just_created, (long_ago, long_ago))  # a writer killed long ago: unlocked and settled
+    assert clean_leftovers(tmp_path, BACKUP_PREFIX) == [just_created.name] and not just_created.exists()
 
 
 @pytest.mark.parametrize("problem", ["group-writable", "world-writable", "someone else's"])
@@ -156,6 +171,9 @@ def test_a_backup_killed_mid_copy_leaves_nothing_trusted_and_the_next_one_cleans
     assert kill_when(proc, dsn, state="active", query_prefix="COPY", nth=2), "the kill should land mid-backup"
     left = sorted(p.name for p in backups.iterdir())
     assert left and all(n.startswith(".memory_migration_backup_") and n.endswith(".partial") for n in left)
+    long_ago = time.time() - 2 * SETTLED_SECONDS  # the leftover has settled: no writer is between create and lock
+    for name in left:
+        os.utime(backups / name, (long_ago, long_ago))
     done = CliRunner().invoke(app, ["--dsn", dsn, "--json", "backup"], env={"UNIFIED_MEMORY_HOME": str(home)})
     assert done.exit_code == 0, done.output
     (final,) = sorted(backups.iterdir())  # the leftover is gone; only the new, complete file is there

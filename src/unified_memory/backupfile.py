@@ -29,6 +29,7 @@ import json
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,14 @@ def check_directory(directory: Path) -> None:
                           "it. Use a directory of mode 0700")
 
 
+# A writer creates its partial file, then locks it: a file this young may be one between the two, unlocked but
+# live. Only older ones are tested (and testing takes the lock for a moment, which such a writer would hit).
+SETTLED_SECONDS = 60.0
+
+
 def clean_leftovers(directory: Path, prefix: str) -> list[str]:
-    """Remove the ``.partial`` files of killed writers (no writer holds their lock); never open a symlink.
+    """Remove the ``.partial`` files of killed writers (no writer holds their lock, and none was written in the
+    last ``SETTLED_SECONDS``); never open a symlink.
 
     A partial file is never read or trusted: it is only ever deleted, and only once no process writes it.
     """
@@ -146,7 +153,8 @@ def clean_leftovers(directory: Path, prefix: str) -> list[str]:
     for path in directory.glob(f".{prefix}*{PARTIAL_SUFFIX}"):
         try:
             info = path.lstat()
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and _in_use(path):
+            fresh = time.time() - info.st_mtime < SETTLED_SECONDS
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and (fresh or _in_use(path)):
                 continue
             path.unlink()
             removed.append(path.name)
