@@ -68,3 +68,20 @@ def test_a_removals_pass_does_not_walk_the_live_changes_again(unified: psycopg.C
     late = unified.execute("SELECT max(seq) - 150 FROM memory_vector_outbox").fetchone()[0]
     read = _rows_read(unified, vectors._OUTBOX_REMOVALS, {"after": late, "limit": 50}, "memory_vector_outbox")
     assert queued > 2 * ROWS // 3 and read <= 150, f"{read} of {queued} queued changes read for a batch of 50"
+
+
+@pytest.mark.parametrize("batch", ["_PENDING_BATCH", "_FULL_BATCH", "_POINTED_BATCH"])
+def test_a_late_sync_batch_reads_only_its_own_kept_vectors(unified: psycopg.Connection, batch: str) -> None:
+    """Keyset batches of ``vectors sync`` look their kept vectors up row by row. The plain LEFT JOIN planned as a
+    merge join that walked memory_legacy_embeddings from its first row for every batch (22 ms a batch half-way
+    through 99,000 memories, 2.5 ms now)."""
+    fixtures.create(unified, rows=ROWS, shapes={"memory_items": "I1"})
+    migrate(unified, MigrationOptions())
+    if batch == "_POINTED_BATCH":
+        unified.execute("UPDATE memories SET embedding_id = id::text")
+    unified.execute("ANALYZE")
+    after = unified.execute("SELECT id FROM memories ORDER BY id OFFSET 2500 LIMIT 1").fetchone()
+    assert after is not None
+    read = _rows_read(unified, getattr(vectors, batch), {"after": after[0], "limit": 50, "chars": 100},
+                      "memory_legacy_embeddings")
+    assert read <= 50, f"{read} kept vectors read for a batch of 50"

@@ -10,10 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 from crash import kill_when, spawn
-from psycopg import sql
 from typer.testing import CliRunner
 
-from unified_memory import fixtures, schema, vectors
+from unified_memory import fixtures, schema
 from unified_memory.cli import app
 from unified_memory.embedders import HashingEmbedder, embedder_for
 from unified_memory.errors import VectorStoreError
@@ -196,31 +195,6 @@ def test_the_minilm_extra_embeds_offline_and_sync_verifies(migrated: psycopg.Con
     result = sync(migrated, milvus, spec, model)
     assert result.sources["embedder:minilm"] == result.synced > 0  # the kept 768-d vectors do not fit 384
     assert verify(migrated, milvus, spec, model, sample=50).ok
-
-
-def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _plan_nodes(child)
-
-
-@pytest.mark.parametrize("batch", ["_PENDING_BATCH", "_FULL_BATCH", "_POINTED_BATCH"])
-def test_a_late_batch_reads_only_its_own_kept_vectors(unified: psycopg.Connection, batch: str) -> None:
-    """Keyset batches look their kept vectors up row by row. The plain LEFT JOIN planned as a merge join that
-    walked memory_legacy_embeddings from its first row for every batch: a sync quadratic in the table's size
-    (22 ms a batch half-way through 99,000 memories, 2.5 ms now)."""
-    fixtures.create(unified, rows=3000, shapes={"memory_items": "I1"})
-    migrate(unified, MigrationOptions())
-    if batch == "_POINTED_BATCH":
-        unified.execute("UPDATE memories SET embedding_id = id::text")
-    unified.execute("ANALYZE")
-    after = unified.execute("SELECT id FROM memories ORDER BY id OFFSET 2500 LIMIT 1").fetchone()
-    query = sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + getattr(vectors, batch)
-    plan = unified.execute(query, {"after": after[0] if after else None, "limit": 50, "chars": 100}).fetchone()
-    nodes = list(_plan_nodes(plan[0][0]["Plan"])) if plan else []
-    kept = [n for n in nodes if n.get("Relation Name") == "memory_legacy_embeddings"]
-    assert kept and all(n["Actual Rows"] * n["Actual Loops"] <= 50 for n in kept), [
-        (n["Node Type"], n["Actual Rows"], n["Actual Loops"]) for n in kept]
 
 
 @pytest.mark.slow

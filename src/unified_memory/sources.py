@@ -246,21 +246,25 @@ class RowSource(Source):
             t=_TYPES[self.order_type], o=sql.SQL(self.order), pending=self.pending_filter(m, pending))
 
     def mapped(self, m: TableMapping, where: sql.Composable | None) -> tuple[sql.Composable, sql.Composable]:
-        return sql.SQL(""), sql.SQL("FROM {} s{}").format(sql.Identifier(m.table), sql.SQL(m.lets_join()))
+        return sql.SQL(""), self._from(m)
+
+    @staticmethod
+    def _from(m: TableMapping) -> sql.Composed:
+        """The table's rows as ``s``, with the mapping's ``lets`` beside each."""
+        return sql.SQL("FROM {} s{}").format(sql.Identifier(m.table), sql.SQL(m.lets_join()))
 
     def filter_rows(self, where: sql.Composable | None) -> sql.Composable:
         return sql.SQL(" AND {}").format(where) if where is not None else sql.SQL("")
 
     def batch(self, m: TableMapping, pending: bool) -> sql.Composed:
-        source = sql.SQL("FROM {} s{} WHERE {}{}").format(sql.Identifier(m.table), sql.SQL(m.lets_join()),
-                                                          self.range_predicate(), self.pending_filter(m, pending))
+        source = sql.SQL("{} WHERE {}{}").format(self._from(m), self.range_predicate(), self.pending_filter(m, pending))
         return sql.SQL(_ROW_BATCH).format(
             insert=batchsql.insert_memories(m, source), vectors=batchsql.insert_vectors(m, source),
             table=sql.Literal(m.table), key=sql.SQL(self.key), reason=sql.SQL(m.reason_sql()),
             id=sql.SQL(m.columns["id"].sql()), source=source)
 
     def whole_table_load(self, m: TableMapping) -> sql.Composed:
-        source = sql.SQL("FROM {} s{} WHERE TRUE").format(sql.Identifier(m.table), sql.SQL(m.lets_join()))
+        source = sql.SQL("{} WHERE TRUE").format(self._from(m))
         return sql.SQL("WITH ins AS ({}), vectors AS ({}) SELECT count(*) FROM ins").format(
             batchsql.insert_memories(m, source), batchsql.insert_vectors(m, source))
 

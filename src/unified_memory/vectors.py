@@ -105,9 +105,10 @@ _OUTBOX_ALL = _OUTBOX.format(sql.SQL(""))
 _OUTBOX_REMOVALS = _OUTBOX.format(sql.SQL(
     " AND NOT EXISTS (SELECT FROM memories m WHERE m.id = o.memory_id AND {} OFFSET 0)").format(_LIVE))
 _OUTBOX_DONE = "DELETE FROM memory_vector_outbox WHERE seq = ANY(%s)"
+# along idx_memories_vector_expiry, not a scan from the table's first page past the rows earlier batches
+# unpointed; deletions come through the outbox
 _EXPIRED = ("SELECT id::text FROM memories WHERE embedding_id IS NOT NULL AND expires_at IS NOT NULL "
-            "AND expires_at <= now() ORDER BY expires_at LIMIT %s")  # along idx_memories_vector_expiry, not a scan
-# from the table's first page past the rows earlier batches unpointed; deletions come through the outbox
+            "AND expires_at <= now() ORDER BY expires_at LIMIT %s")
 _POINT = ("UPDATE memories SET embedding_id = id::text WHERE id = ANY(%s::uuid[]) "
           "AND embedding_id IS DISTINCT FROM id::text")
 _UNPOINT = "UPDATE memories SET embedding_id = NULL WHERE id = ANY(%s::uuid[]) AND embedding_id IS NOT NULL"
